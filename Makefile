@@ -1,0 +1,40 @@
+# simkeeper: `make test` and `make demo` do all set-up on a fresh Debian/Raspberry Pi OS machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo lint bench deps mosquitto clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+deps: $(STAMP) mosquitto
+
+# The MQTT tests and the demo need a mosquitto binary (the tests start their own broker).
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	  echo "installing mosquitto with apt-get"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check agent drivers provisioning tests bench
+	$(BIN)/mypy
+
+test: deps lint
+	$(BIN)/pytest -q
+
+demo: deps
+	$(BIN)/simkeeper demo
+
+bench: deps
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,3 @@
+"""simkeeper agent: the daemon and its command line."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Modem drivers: AT codec, channel, vendor profiles, hotplug and the modem simulator."""

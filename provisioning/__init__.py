@@ -1,0 +1,1 @@
+"""Factory provisioning: identities, certificates, bundles, birth records."""
