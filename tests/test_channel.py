@@ -48,7 +48,8 @@ async def test_info_lines_and_typed_errors(peer: PtyPeer) -> None:
 
 
 async def test_urc_in_the_middle_of_a_reply_goes_to_listeners(peer: PtyPeer) -> None:
-    peer.script["AT+CSQ"] = b"\r\n+CREG: 1, 5C9, 39E5\r\n+CSQ: 17,3\r\n\r\n+CMTI: \"SM\",3\r\nOK\r\n"
+    peer.script["AT+CSQ"] = (b"\r\n+CREG: 1, 5C9, 39E5\r\n+CSQ: 17,3\r\n\r\n"
+                             b"+CMTI: \"SM\",3\r\nOK\r\n")
     chan = await AtChannel.open(peer.path)
     urcs: list[Urc] = []
     chan.add_urc_listener(urcs.append)
