@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "AtCodec", "Discarded", "Echo", "Event", "Final", "Info", "Prompt", "Urc",
-    "response_prefixes", "split_fields", "unquote",
+    "registration_is_solicited", "response_prefixes", "split_fields", "unquote",
 ]
 
 
@@ -97,7 +97,7 @@ BANNERS = frozenset({
 })
 # Bare (prefix-less) lines that are always unsolicited, even inside a reply.
 _BARE_URCS = BANNERS | {"RING", "SMS Ready", "Call Ready", "SMS DONE", "PB DONE"}
-_PREFIX = re.compile(r"^([+^$#%*][A-Za-z0-9_]+):")
+_PREFIX = re.compile(r"^([+^$#%*!][A-Za-z0-9_]+):")
 _REGISTRATION = frozenset({"+CREG", "+CGREG", "+CEREG", "+C5GREG"})
 # Commands whose answer carries another prefix than their name (as seen in the field).
 _ALIASES = {
@@ -121,9 +121,9 @@ def response_prefixes(command: str) -> tuple[str, ...]:
     body = command.strip()
     if body[:2].upper() == "AT":
         body = body[2:]
-    m = re.match(r"([+^$#%*][A-Za-z0-9_]+)", body)
+    m = re.match(r"([+^$#%*!][A-Za-z0-9_]+)", body)
     if not m:
-        return ()
+        return ("+GCAP",) if body.upper().startswith("I") else ()
     name = m.group(1).upper()
     return _ALIASES.get(name, (name,))
 
@@ -160,13 +160,19 @@ def unquote(field: str) -> str:
     return f
 
 
-def _registration_is_solicited(line: str) -> bool:
-    """Solicited ``+CxREG: <n>,<stat>[,<lac>,<ci>...]`` vs URC ``+CxREG: <stat>[,<lac>...]``."""
-    fields = split_fields(line.split(":", 1)[1])
-    if len(fields) < 2 or len(fields) == 3:
+def registration_is_solicited(raw_fields: list[str]) -> bool:
+    """Whether ``+CxREG`` fields (quotes kept) are a read answer ``<n>,<stat>,...`` or a URC
+    ``<stat>,...``. The first quoted field is the LAC/TAC (27.007 prints it as a string): at
+    index 2 after ``<n>,<stat>``, at 1 in a URC. Unquoted: two fields are ``<n>,<stat>``, one
+    or three a URC, and otherwise a short numeric second field is a ``<stat>`` (a LAC has four
+    hex digits), e.g. ``2,1,84CD,00D30173`` against ``1,0001,0010,0``."""
+    first_quoted = next((i for i, f in enumerate(raw_fields) if f.startswith('"')), None)
+    if first_quoted in (1, 2):
+        return first_quoted == 2
+    if len(raw_fields) in (1, 3):
         return False
-    n, stat = fields[0], fields[1]
-    return n.isdigit() and stat.isdigit() and len(stat) <= 2
+    n, stat = raw_fields[0], raw_fields[1]
+    return n.isdigit() and stat.isdigit() and (len(raw_fields) == 2 or len(stat) <= 2)
 
 
 def final_result(line: str) -> Final | None:
@@ -284,7 +290,7 @@ class AtCodec:
         if prefix in _REGISTRATION:
             tail = command.rstrip()[-1:]
             return tail == "?" and (command.rstrip().endswith("=?") or
-                                    _registration_is_solicited(line))
+                                    registration_is_solicited(split_fields(line.split(":", 1)[1])))
         return True
 
     @staticmethod

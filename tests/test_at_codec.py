@@ -117,7 +117,8 @@ def test_helpers() -> None:
     assert response_prefixes("AT+CICCID") == ("+ICCID",)
     assert response_prefixes('AT+QENG="servingcell"') == ("+QENG",)
     assert response_prefixes("AT^ICCID?") == ("^ICCID",)
-    assert response_prefixes("ATI") == ()
+    assert response_prefixes("ATI") == ("+GCAP",)
+    assert response_prefixes("AT+CGSN") == ("+CGSN",)
     assert split_fields('1,"a,b",(0-2),,x') == ["1", '"a,b"', "(0-2)", "", "x"]
 
 
