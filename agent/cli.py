@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Protocol
@@ -27,6 +29,8 @@ class _Command(Protocol):
 COMMANDS: dict[str, tuple[str, str]] = {
     "modem": ("agent.cmd_modem", "talk to a modem: `modem info` probes one and prints it"),
     "simulate-modem": ("drivers.simulator.cli", "a virtual modem on a pty; prints its path"),
+    "demo": ("agent.demo", "everything on this machine: simulated modem and live view"),
+    "publish": ("agent.cmd_publish", "hand a reading to the running agent"),
 }
 
 
@@ -41,16 +45,25 @@ def _load(name: str) -> _Command:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="simkeeper", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=os.environ.get("SIMKEEPER_LOG", "WARNING"),
+                        type=str.upper, choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log verbosity on stderr (TRACE shows raw serial bytes)")
+    parser = argparse.ArgumentParser(prog="simkeeper", description=__doc__.splitlines()[0],
+                                     parents=[common])
     parser.add_argument("--version", action="version", version=f"simkeeper {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Only the chosen subcommand's module is imported.
-    chosen = next((a for a in argv if not a.startswith("-")), None)
+    rest = common.parse_known_args(argv)[1]
+    chosen = rest[0] if rest else None
     for name, (_module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         if name == chosen:
             _load(name).add_arguments(p)
     args = parser.parse_args(argv)
+    logging.addLevelName(5, "TRACE")
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="simkeeper %(levelname)s %(name)s: %(message)s")
     try:
         return _load(args.command).run(args)
     except UsageError as exc:

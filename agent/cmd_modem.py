@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def probe(port: str, baud: int) -> dict[str, Any]:
-    chan = await AtChannel.open(port, baudrate=baud, resync_timeout=0.5)
+    chan = await AtChannel.open(port, baudrate=baud, recover=False)
     try:
         for attempt in range(2):
             try:

@@ -97,12 +97,14 @@ class AtChannel:
         timeout: float = 5.0,
         power_cycle: PowerCycle | None = None,
         resync_timeout: float = 1.0,
+        recover: bool = True,
     ) -> None:
         self.url = url
         self.baudrate = baudrate
         self.timeout = timeout
         self.power_cycle = power_cycle
         self.resync_timeout = resync_timeout
+        self.recover = recover  # False for one-shot probes: never reset somebody's modem
         self.failures = 0  # consecutive timeouts (malfunction detection reads it)
         self.escalation = 0  # failed resyncs in a row: the rung of the recovery ladder
         self._port: serial.SerialBase | None = None
@@ -190,7 +192,8 @@ class AtChannel:
                 lines = await self._transact(cmd, timeout or self.timeout, expect, data)
             except CommandTimeout:
                 self.failures += 1
-                await self._recover()
+                if self.recover:
+                    await self._recover()
                 raise
             self.failures = 0
             return lines

@@ -140,6 +140,9 @@ def parse_ceer(lines: Sequence[str]) -> ErrorReport:
         text = unquote(raw[2]) if len(raw) == 3 else ""
         return ErrorReport(text, unquote(raw[0]), int(raw[1]))
     text = unquote(",".join(raw))
+    numbered = re.search(r"cause\s*#?\s*(\d{1,3})", text, re.IGNORECASE)
+    if numbered:  # "EMM cause 7: EPS services not allowed"
+        return ErrorReport(text, None, int(numbered.group(1)))
     squeezed = re.sub(r"[^a-z]", "", text.lower())
     return ErrorReport(text, None, _CAUSE_NAMES.get(squeezed))
 
