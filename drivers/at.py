@@ -107,6 +107,7 @@ _ALIASES = {
     "+CGSN": ("+CGSN",),
     "+QCSQ": ("+QCSQ",),
 }
+_TERMINATOR = re.compile(rb"[\r\n]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -228,22 +229,25 @@ class AtCodec:
         self._fresh = False
 
     def receive_data(self, data: bytes) -> None:
-        for byte in data:
-            if byte in (0x0D, 0x0A):
-                self._end_line()
-                continue
-            if byte == 0:
-                continue
-            self._buf.append(byte)
-            if len(self._buf) > self.max_line:
-                self._events.append(Discarded(len(self._buf)))
-                self._buf.clear()
-                self._fresh = False
-            elif (self._prompt and self._command is not None and byte == 0x3E
-                  and self._buf.strip() == b">"):
-                self._buf.clear()
-                self._fresh = False
-                self._events.append(Prompt())
+        if b"\x00" in data:
+            data = data.replace(b"\x00", b"")
+        start = 0
+        for m in _TERMINATOR.finditer(data):
+            self._buf += data[start:m.start()]
+            start = m.end()
+            self._end_line()
+        self._buf += data[start:]
+        if len(self._buf) > self.max_line:
+            self._discard()
+        elif (self._prompt and self._command is not None and self._buf.strip() == b">"):
+            self._buf.clear()
+            self._fresh = False
+            self._events.append(Prompt())
+
+    def _discard(self) -> None:
+        self._events.append(Discarded(len(self._buf)))
+        self._buf.clear()
+        self._fresh = False
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -254,6 +258,12 @@ class AtCodec:
         return out
 
     def _end_line(self) -> None:
+        if not self._buf:
+            self._fresh = False
+            return
+        if len(self._buf) > self.max_line:
+            self._discard()
+            return
         raw = bytes(self._buf)
         self._buf.clear()
         text = _CONTROL.sub("", raw.decode("utf-8", "replace").replace("\ufffd", ""))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -44,6 +45,12 @@ from drivers.errors import (
 log = logging.getLogger(__name__)
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
+
+_RAW_FD_TYPES: tuple[type, ...] = (serial.Serial,)
+with contextlib.suppress(ImportError):
+    from serial.urlhandler.protocol_socket import Serial as _SocketSerial
+
+    _RAW_FD_TYPES += (_SocketSerial,)
 
 UrcListener = Callable[[Urc], None]
 ResetListener = Callable[[str], None]
@@ -118,6 +125,7 @@ class AtChannel:
         self._reset_listeners: list[ResetListener] = []
         self._close_listeners: list[CloseListener] = []
         self._reader_task: asyncio.Task[None] | None = None
+        self._fd: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     @classmethod
@@ -139,6 +147,9 @@ class AtChannel:
             fd = self._port.fileno()
         except (AttributeError, NotImplementedError, serial.SerialException, OSError):
             fd = None
+        # A plain tty or socket is read with os.read on its fd; wrappers (spy://) keep their
+        # own read() so they still see every byte.
+        self._fd = fd if type(self._port) in _RAW_FD_TYPES else None
         if fd is not None:
             loop.add_reader(fd, self._on_readable)
         else:  # loop:// and other in-memory transports have no fd to watch
@@ -209,18 +220,22 @@ class AtChannel:
         self._prompt = loop.create_future() if data is not None else None
         self._lines = []
         wire = self._codec.send(cmd, expect=expect, prompt=data is not None)
-        log.log(TRACE, "%s > %r", self.url, wire)
+        if log.isEnabledFor(TRACE):
+            log.log(TRACE, "%s > %r", self.url, wire)
+        timer = loop.call_later(timeout, self._expire, waiter)
         try:
             self._write(port, wire)
-            async with asyncio.timeout(timeout):
-                if self._prompt is not None and data is not None:
-                    await self._prompt
-                    self._write(port, data + b"\x1a")
-                final = await waiter
-        except TimeoutError:
+            if self._prompt is not None and data is not None:
+                await self._prompt
+                self._write(port, data + b"\x1a")
+            final = await waiter
+        except asyncio.CancelledError:
+            if not waiter.cancelled():  # cancelled by the caller, not by the timer
+                raise
             self._codec.abort()
             raise CommandTimeout(f"{cmd}: no answer within {timeout:g} s") from None
         finally:
+            timer.cancel()
             self._waiter = self._prompt = None
         lines = self._lines
         self._lines = []
@@ -229,9 +244,18 @@ class AtChannel:
             self._echo_off = cmd.strip().upper() == "ATE0"
         return lines
 
+    def _expire(self, waiter: asyncio.Future[Final]) -> None:
+        if not waiter.done():
+            waiter.cancel()
+        if self._prompt is not None and not self._prompt.done():
+            self._prompt.cancel()
+
     def _write(self, port: serial.SerialBase, wire: bytes) -> None:
         try:
-            port.write(wire)
+            if self._fd is not None and len(wire) <= 512:  # fits the tty buffer in one go
+                os.write(self._fd, wire)
+            else:
+                port.write(wire)
         except (serial.SerialException, OSError) as exc:
             self._detach(exc)
             raise PortError(f"{self.url}: write failed ({_reason(exc)})") from exc
@@ -279,12 +303,14 @@ class AtChannel:
         if port is None:
             return
         try:
-            data = port.read(4096)
+            data = os.read(self._fd, 4096) if self._fd is not None else port.read(4096)
         except (serial.SerialException, OSError) as exc:
             self._detach(exc)
             return
         if data:
             self.feed(data)
+        elif self._fd is not None:  # EOF: the other end hung up (USB unplugged, pty closed)
+            self._detach(EOFError("hang-up"))
 
     async def _read_without_fd(self) -> None:
         while (port := self._port) is not None:
@@ -297,7 +323,8 @@ class AtChannel:
                 self.feed(data)
 
     def feed(self, data: bytes) -> None:
-        log.log(TRACE, "%s < %r", self.url, data)
+        if log.isEnabledFor(TRACE):
+            log.log(TRACE, "%s < %r", self.url, data)
         self._codec.receive_data(data)
         while (event := self._codec.next_event()) is not None:
             self._dispatch(event)
