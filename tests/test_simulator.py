@@ -24,9 +24,9 @@ import serial
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drivers.parsers._common import luhn_valid
 from drivers.simulator import PERSONALITIES, ScenarioError, SimulatedModem, load_scenario
 from drivers.simulator.engine import Engine
-from drivers.simulator.personalities import luhn_valid
 from drivers.simulator.state import ModemState
 from drivers.simulator.syntax import Form, split_line
 

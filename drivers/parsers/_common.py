@@ -80,3 +80,18 @@ def hex_code(text: str | None) -> str | None:
     if code[:2].lower() == "0x":
         code = code[2:]
     return code.upper() if is_hex(code) else None
+
+
+def luhn_digit(body: str) -> str:
+    """The Luhn check digit for ``body`` (IMEI: 3GPP TS 23.003 Annex B; ICCID: ITU-T E.118)."""
+    total = 0
+    for i, ch in enumerate(reversed(body)):
+        d = int(ch) * (2 if i % 2 == 0 else 1)
+        total += d - 9 if d > 9 else d
+    return str((10 - total % 10) % 10)
+
+
+def luhn_valid(number: str) -> bool:
+    """Whether ``number`` (ASCII digits) ends with its Luhn check digit."""
+    return len(number) > 1 and number.isascii() and number.isdigit() \
+        and luhn_digit(number[:-1]) == number[-1]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from drivers.at import line_prefix, unquote
-from drivers.parsers._common import ParseError, is_hex
+from drivers.parsers._common import ParseError, is_hex, luhn_valid
 
 _IDENTITY_PREFIXES = frozenset({
     "+CGMI", "+GMI", "+CGMM", "+GMM", "+CGMR", "+GMR", "+CGSN", "+GSN",
@@ -84,13 +84,7 @@ def parse_serial(lines: Sequence[str]) -> DeviceSerial:
 
 def imei_valid(imei: str) -> bool:
     """15 ASCII digits whose Luhn checksum holds (3GPP TS 23.003 Annex B)."""
-    if not re.fullmatch(r"[0-9]{15}", imei):
-        return False
-    total = 0
-    for i, ch in enumerate(reversed(imei)):
-        d = int(ch) * (2 if i % 2 else 1)
-        total += d - 9 if d > 9 else d
-    return total % 10 == 0
+    return bool(re.fullmatch(r"[0-9]{15}", imei)) and luhn_valid(imei)
 
 
 @dataclass(frozen=True, slots=True)

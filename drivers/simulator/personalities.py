@@ -19,19 +19,6 @@ if TYPE_CHECKING:
 Handler = Callable[["Engine", Command], list[str]]
 
 
-def luhn_digit(body: str) -> str:
-    """The Luhn check digit for ``body`` (IMEI, ICCID)."""
-    total = 0
-    for i, ch in enumerate(reversed(body)):
-        d = int(ch) * (2 if i % 2 == 0 else 1)
-        total += d - 9 if d > 9 else d
-    return str((10 - total % 10) % 10)
-
-
-def luhn_valid(number: str) -> bool:
-    return number.isdigit() and luhn_digit(number[:-1]) == number[-1]
-
-
 @dataclass(frozen=True)
 class Personality:
     key: str
