@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint bench deps mosquitto clean
+.PHONY: test demo lint bench deps mosquitto clean deb
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: deps
 
 bench: deps
 	$(BIN)/python -m bench
+
+# The .deb for Debian bookworm / Raspberry Pi OS, into dist/: `ARCH=arm64 make deb` for a 64-bit
+# Pi (wheels fetched for that platform). See packaging/README.md.
+deb: $(STAMP)
+	$(BIN)/python packaging/build_deb.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

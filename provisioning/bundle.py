@@ -76,12 +76,20 @@ class Identity:
     iccid: str | None = None
 
 
+# Certificate names the fleet broker's ACL (packaging/mosquitto/simkeeper.acl) gives more than
+# a device's own topics: a device must never be issued one.
+RESERVED_IDS = frozenset({"simkeeper-operator"})
+
+
 def check_device_id(device_id: str) -> str:
-    """The config schema's rule for ``device_id`` (1-64 of ``A-Za-z0-9_.-``)."""
+    """The config schema's rule for ``device_id`` (1-64 of ``A-Za-z0-9_.-``), and not a name
+    the broker reserves for the operator."""
     try:
         config.parse(f"device_id = {json.dumps(device_id)}")
     except config.ConfigError as exc:
         raise ProvisionError(str(exc)) from None
+    if device_id.lower() in RESERVED_IDS:
+        raise ProvisionError(f"device_id: {device_id!r} is reserved for the operator's identity")
     return device_id
 
 

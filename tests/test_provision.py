@@ -366,3 +366,12 @@ def test_cli_entry_runs_as_a_program(factory: Factory, tmp_path: Path) -> None:
                           text=True, cwd=ROOT, check=False)
     assert done.returncode == 1 and "config.toml: missing" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_operator_identity_name_is_never_a_device_id() -> None:
+    from provisioning.bundle import check_device_id
+    from provisioning.files import ProvisionError
+
+    assert check_device_id("gw-0001") == "gw-0001"
+    with pytest.raises(ProvisionError, match="reserved"):
+        check_device_id("simkeeper-operator")

@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Build the offline-installable simkeeper .deb for Debian bookworm / Raspberry Pi OS.
+
+    python3 packaging/build_deb.py [--arch amd64|arm64|armhf] [--out DIR]
+    ARCH=arm64 make deb
+
+The package carries the agent and every dependency as wheels for the target (CPython 3.11,
+glibc <= 2.36), fetched with ``pip download --platform ... --only-binary=:all:`` so an arm64
+package builds on an x86 machine; postinst builds /opt/simkeeper/venv from them with
+``--no-index`` (no network on the gateway). Dependencies are pinned to the versions installed
+where this script runs (the build venv, which ``make test`` just tested) unless ``--no-pin``.
+``--find-links DIR`` adds a local wheel directory (an offline build machine: with
+``--no-index`` too). Needs dpkg-deb and pip; prints the path of the .deb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGING = ROOT / "packaging"
+PYTHON_VERSION = "3.11"
+GLIBC_MINOR = 36  # bookworm's glibc 2.36
+
+
+def _manylinux(machine: str, oldest: int = 17) -> list[str]:
+    """Every manylinux tag a glibc-2.36 system accepts: pip matches --platform tags exactly."""
+    tags = [f"manylinux_2_{minor}_{machine}" for minor in range(GLIBC_MINOR, oldest - 1, -1)]
+    legacy = {"x86_64": ["manylinux2014", "manylinux2010", "manylinux1"]}.get(
+        machine, ["manylinux2014"])
+    return tags + [f"{name}_{machine}" for name in legacy]
+
+
+PLATFORMS = {
+    "amd64": _manylinux("x86_64", oldest=5),
+    "arm64": _manylinux("aarch64"),
+    "armhf": [*_manylinux("armv7l"), "linux_armv7l"],
+}
+SOURCES = ("pyproject.toml", "README.md", "agent", "drivers", "provisioning")
+
+
+class BuildError(Exception):
+    pass
+
+
+def host_arch() -> str:
+    try:
+        return subprocess.run(["dpkg", "--print-architecture"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "armhf"}.get(os.uname().machine,
+                                                                               "amd64")
+
+
+def run(cmd: list[str], **kwargs: object) -> None:
+    print("+", " ".join(cmd), file=sys.stderr)
+    result = subprocess.run(cmd, check=False, **kwargs)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        raise BuildError(f"{cmd[0]} {cmd[1] if len(cmd) > 1 else ''} failed "
+                         f"(exit {result.returncode})")
+
+
+def pins(python: str) -> str:
+    """``name==version`` of everything installed beside the build's pip, editable ones left out."""
+    out = subprocess.run([python, "-m", "pip", "freeze", "--exclude-editable"], check=True,
+                         capture_output=True, text=True).stdout
+    return "\n".join(line for line in out.splitlines()
+                     if "==" in line and not line.lower().startswith("simkeeper=="))
+
+
+def wheels(dest: Path, arch: str, python: str, *, pin: bool, find_links: list[str],
+           no_index: bool) -> None:
+    """The simkeeper wheel, its dependencies' wheels for ``arch``, and a pip wheel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        for name in SOURCES:  # a clean copy: no build/ or egg-info left in the work tree
+            path = ROOT / name
+            if path.is_dir():
+                shutil.copytree(path, src / name,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(path, src / name)
+        index = ["--no-index"] if no_index else []
+        links = [arg for link in find_links for arg in ("--find-links", link)]
+        run([python, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest),
+             *index, *links, str(src)])
+        (built,) = dest.glob("simkeeper-*.whl")
+        constraints = Path(tmp) / "constraints.txt"
+        constraints.write_text(pins(python) + "\n" if pin else "")
+        platforms = [arg for p in PLATFORMS[arch] for arg in ("--platform", p)]
+        run([python, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+             "--dest", str(dest), "--only-binary=:all:", *platforms,
+             "--python-version", PYTHON_VERSION, "--implementation", "cp",
+             "--constraint", str(constraints), *index, *links, str(built), "pip"])
+
+
+def default_config(text: str) -> str:
+    """packaging/config.toml with its example device_id commented out: a gateway gets its id
+    at provisioning, and until then the unit's ExecCondition skips the start."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("device_id") and "=" in line:
+            out.append("# set by `simkeeper provision device`; the service starts once it is set")
+            out.append("# " + line)
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def stage(root: Path, arch: str, version: str, wheel_dir: Path) -> None:
+    def put(src: Path | str, rel: str, mode: int = 0o644, text: str | None = None) -> None:
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            shutil.copyfile(src, target)
+        else:
+            target.write_text(text)
+        target.chmod(mode)
+
+    put(PACKAGING / "simkeeper.service", "lib/systemd/system/simkeeper.service")
+    put(PACKAGING / "udev" / "70-simkeeper.rules", "lib/udev/rules.d/70-simkeeper.rules")
+    put(PACKAGING / "modules-load.d" / "simkeeper.conf", "usr/lib/modules-load.d/simkeeper.conf")
+    put("", "etc/simkeeper/config.toml",
+        text=default_config((PACKAGING / "config.toml").read_text()))
+    put(PACKAGING / "config.toml", "usr/share/doc/simkeeper/config.toml.reference")
+    put(PACKAGING / "README.md", "usr/share/doc/simkeeper/README.md")
+    put("", "usr/share/doc/simkeeper/copyright", text=(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
+        "Upstream-Name: simkeeper\n\nFiles: *\nLicense: Apache-2.0\n"
+        " On Debian systems the full text is in /usr/share/common-licenses/Apache-2.0.\n"
+        "\nFiles: opt/simkeeper/wheels/*\nLicense: various\n"
+        " Each wheel carries its own licence files (*.dist-info).\n"))
+    changelog = root / "usr/share/doc/simkeeper/changelog.gz"
+    with gzip.GzipFile(changelog, "wb", mtime=0) as f:
+        f.write(f"simkeeper ({version}) bookworm; urgency=medium\n\n  * Build.\n".encode())
+    changelog.chmod(0o644)
+    put(PACKAGING / "debian" / "make-venv", "opt/simkeeper/lib/make-venv", 0o755)
+    for wheel in sorted(wheel_dir.glob("*.whl")):
+        put(wheel, f"opt/simkeeper/wheels/{wheel.name}")
+    for d in (root / "etc/simkeeper", root / "opt/simkeeper"):
+        d.chmod(0o755)
+
+    control = root / "DEBIAN"
+    control.mkdir()
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) // 1024 + 1
+    put("", "DEBIAN/control", text=(PACKAGING / "debian" / "control.in").read_text()
+        .replace("@VERSION@", version).replace("@ARCH@", arch).replace("@SIZE@", str(size)))
+    put(PACKAGING / "debian" / "conffiles", "DEBIAN/conffiles")
+    for script in ("postinst", "prerm", "postrm"):
+        put(PACKAGING / "debian" / script, f"DEBIAN/{script}", 0o755)
+    sums = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and control not in p.parents):
+        rel = path.relative_to(root).as_posix()
+        if not rel.startswith("etc/"):  # conffiles are checked by dpkg on their own
+            sums.append(f"{hashlib.md5(path.read_bytes()).hexdigest()}  {rel}")
+    put("", "DEBIAN/md5sums", text="\n".join(sums) + "\n")
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        d.chmod(0o755)
+
+
+def build(arch: str, out: Path, python: str, *, pin: bool = True,
+          find_links: list[str] | None = None, no_index: bool = False) -> Path:
+    if arch not in PLATFORMS:
+        raise BuildError(f"unsupported arch {arch!r} (one of {', '.join(PLATFORMS)})")
+    if shutil.which("dpkg-deb") is None:
+        raise BuildError("dpkg-deb not found (apt-get install dpkg-dev)")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    version = f"{project['version']}-1"
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="simkeeper-deb-") as tmp:
+        wheel_dir = Path(tmp) / "wheels"
+        wheels(wheel_dir, arch, python, pin=pin, find_links=find_links or [], no_index=no_index)
+        root = Path(tmp) / "root"
+        root.mkdir()
+        stage(root, arch, version, wheel_dir)
+        deb = out / f"simkeeper_{version}_{arch}.deb"
+        run(["dpkg-deb", "--root-owner-group", "-Zxz", "--build", str(root), str(deb)],
+            stdout=subprocess.DEVNULL)
+    return deb
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="build_deb.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default=os.environ.get("ARCH") or host_arch(),
+                        help="Debian architecture (default: $ARCH or this machine's)")
+    parser.add_argument("--out", type=Path, default=ROOT / "dist", help="where the .deb goes")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter whose pip fetches wheels (and whose pins are used)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="newest dependency versions instead of the build venv's")
+    parser.add_argument("--find-links", action="append", default=[], metavar="DIR",
+                        help="also take wheels from DIR")
+    parser.add_argument("--no-index", action="store_true", help="no PyPI: --find-links only")
+    args = parser.parse_args(argv)
+    try:
+        deb = build(args.arch, args.out, args.python, pin=not args.no_pin,
+                    find_links=args.find_links, no_index=args.no_index)
+    except BuildError as exc:
+        print(f"build_deb: {exc}", file=sys.stderr)
+        return 1
+    print(deb)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
