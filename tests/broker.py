@@ -1,0 +1,467 @@
+"""A real mosquitto for the tests, a test PKI, a collecting subscriber, and TCP helpers.
+
+``Broker`` runs mosquitto on a free loopback port with a temporary config (no persistence)
+and can be stopped, SIGKILLed and restarted on the same port. ``make_pki`` builds a CA, a
+server and a client certificate, and a client certificate from another CA. ``Subscriber`` is
+a paho client on its own thread that records every message. ``Relay`` sits between the
+uplink and the broker (pause, sever, sniff CONNECT, count bytes); ``Kicker`` accepts MQTT
+connections and drops them right after CONNACK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.batch import decode_batch
+from agent.config import UplinkConfig
+from agent.outbox import Outbox
+from agent.store import Store
+
+WAIT = 30.0  # upper bound of every wait: a failure, never a speed requirement
+
+
+def mosquitto_path() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what or predicate}")
+        time.sleep(0.01)
+
+
+# -- PKI --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path  # a client certificate signed by another CA
+    rogue_key: Path
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool = False,
+    server: bool = False,
+) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    issuer_name, issuer_key = issuer or (name, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+    else:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Path:
+    path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path = path.with_suffix(".key")
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return path.with_suffix(".pem")
+
+
+def make_pki(directory: Path) -> Pki:
+    ca_key, rogue_ca_key = _key(), _key()
+    ca = _cert("simkeeper test CA", ca_key, None, ca=True)
+    rogue_ca = _cert("someone else's CA", rogue_ca_key, None, ca=True)
+    ca_path = _write(directory / "ca", ca, ca_key)
+    server_key, client_key, rogue_key = _key(), _key(), _key()
+    _write(
+        directory / "server",
+        _cert("localhost", server_key, (ca.subject, ca_key), server=True),
+        server_key,
+    )
+    _write(directory / "client", _cert("gw-test", client_key, (ca.subject, ca_key)), client_key)
+    _write(
+        directory / "rogue",
+        _cert("gw-test", rogue_key, (rogue_ca.subject, rogue_ca_key)),
+        rogue_key,
+    )
+    return Pki(
+        ca=ca_path,
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client.key",
+        rogue_cert=directory / "rogue.pem",
+        rogue_key=directory / "rogue.key",
+    )
+
+
+# -- the broker -------------------------------------------------------------------------------
+
+
+class Broker:
+    """mosquitto on 127.0.0.1:``port``; with ``pki``, TLS with required client certificates."""
+
+    def __init__(self, binary: str, directory: Path, pki: Pki | None = None) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.tls = pki is not None
+        self.config = directory / f"mosquitto-{self.port}.conf"
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence false",
+            "log_dest stderr",
+            "log_type error",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # or mosquitto drops to a user that cannot read the keys
+        if pki:
+            lines += [
+                f"cafile {pki.ca}",
+                f"certfile {pki.server_cert}",
+                f"keyfile {pki.server_key}",
+                "require_certificate true",
+            ]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+        def listening() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"mosquitto exited at start: {err.strip()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            except OSError:
+                return False
+            return True
+
+        wait_until(listening, what=f"mosquitto on port {self.port}")
+
+    def _end(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(WAIT)
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def stop(self) -> None:
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._end(signal.SIGKILL)
+
+    def restart(self, *, kill: bool = True) -> None:
+        self.kill() if kill else self.stop()
+        self.start()
+
+
+# -- a collecting subscriber ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+    at: float  # monotonic arrival time
+
+
+class Subscriber:
+    """Subscribes to ``topic`` (QoS 1) on every (re)connection and records what arrives."""
+
+    def __init__(
+        self,
+        port: int,
+        topic: str,
+        *,
+        tls: tuple[Path, Path, Path] | None = None,  # ca, cert, key
+    ) -> None:
+        self.messages: list[Message] = []
+        self.subscriptions = 0  # how many times SUBACK came back: one per (re)connection
+        self._lock = threading.Lock()
+        self._topic = topic
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        if tls:
+            ca, cert, key = tls
+            self.client.tls_set(str(ca), str(cert), str(key))
+        self.client.reconnect_delay_set(1, 1)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+        wait_until(lambda: self.subscriptions > 0, what=f"subscription to {topic}")
+
+    def _on_connect(self, client: mqtt.Client, *_: Any) -> None:
+        client.subscribe(self._topic, qos=1)
+
+    def _on_subscribe(self, *_: Any) -> None:
+        with self._lock:
+            self.subscriptions += 1
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(
+                Message(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic())
+            )
+
+    def on(self, suffix: str) -> list[Message]:
+        with self._lock:
+            return [m for m in self.messages if m.topic.endswith("/" + suffix)]
+
+    def readings(self, suffix: str = "telemetry") -> list[dict[str, Any]]:
+        """Every reading of every batch on ``suffix``, in arrival order, duplicates kept."""
+        return [r for m in self.on(suffix) for r in decode_batch(m.payload)["readings"]]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+# -- TCP helpers ------------------------------------------------------------------------------
+
+
+def _connect_level(first: bytes) -> int | None:
+    """The protocol level of an MQTT CONNECT at the start of ``first`` (4: 3.1.1, 5: MQTT 5)."""
+    if not first or first[0] != 0x10:
+        return None
+    i = 1
+    while i < len(first) and first[i] & 0x80:
+        i += 1
+    at = i + 1 + 2 + 4  # past remaining length, name length and "MQTT"
+    return first[at] if len(first) > at else None
+
+
+class _Server:
+    """A loopback TCP server running ``handle(conn)`` per connection on threads."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self.accepted = 0
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+                self._conns.append(conn)
+            threading.Thread(target=self._guarded, args=(conn,), daemon=True).start()
+
+    def _guarded(self, conn: socket.socket) -> None:
+        try:
+            self.handle(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def sever(self) -> None:
+        """Drop every open connection (a cut cellular session)."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        self.sever()
+
+
+class Relay(_Server):
+    """Forwards to ``127.0.0.1:upstream``. ``paused``: new connections are closed at once.
+    ``refuse_mqtt5``: an MQTT 5 CONNECT gets the 3.1.1 "unacceptable protocol" CONNACK, as
+    from a 3.1.1-only broker. Records each CONNECT's protocol level and counts bytes."""
+
+    def __init__(self, upstream: int, *, refuse_mqtt5: bool = False) -> None:
+        self.upstream = upstream
+        self.paused = False
+        self.refuse_mqtt5 = refuse_mqtt5
+        self.levels: list[int | None] = []
+        self.bytes_up = 0
+        self.bytes_down = 0
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        if self.paused:
+            return
+        first = conn.recv(65536)
+        level = _connect_level(first)
+        self.levels.append(level)
+        if self.refuse_mqtt5 and level == 5:
+            conn.sendall(b"\x20\x02\x00\x01")
+            return
+        with socket.create_connection(("127.0.0.1", self.upstream)) as up:
+            with self._lock:
+                self._conns.append(up)
+            up.sendall(first)
+            self.bytes_up += len(first)
+            done = threading.Event()
+            threading.Thread(target=self._pump, args=(up, conn, False, done), daemon=True).start()
+            self._pump(conn, up, True, done)
+            done.wait(WAIT)
+
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, up: bool, done: threading.Event
+    ) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                if up:
+                    self.bytes_up += len(data)
+                else:
+                    self.bytes_down += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            done.set()
+
+
+class Kicker(_Server):
+    """Accepts an MQTT connection, answers CONNACK (success) and hangs up at once."""
+
+    def handle(self, conn: socket.socket) -> None:
+        level = _connect_level(conn.recv(65536))
+        conn.sendall(b"\x20\x03\x00\x00\x00" if level == 5 else b"\x20\x02\x00\x00")
+
+
+# -- for the uplink tests ---------------------------------------------------------------------
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    """Await ``predicate`` on the test's event loop (the uplink under test runs there too)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def uplink_settings(port: int, **changes: Any) -> UplinkConfig:
+    """Fast test settings: plain MQTT on loopback, short backoff, no rate limit to speak of."""
+    base = UplinkConfig(
+        host="127.0.0.1",
+        port=port,
+        allow_plain=True,
+        keepalive=10,
+        client_id="gw-test",
+        batch_max_count=20,
+        batch_max_bytes=4096,
+        batch_max_latency=0.05,
+        rate_messages_per_minute=100_000,
+        rate_bytes_per_minute=1 << 30,
+        reconnect_min=0.05,
+        reconnect_max=0.5,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def open_outbox(directory: Path) -> Outbox:
+    return Outbox(Store(directory / "simkeeper.db"), max_bytes=64 << 20, max_age=86400.0)
+
+
+def fill(
+    outbox: Outbox, count: int, topics: tuple[str, ...] = ("a", "b", "c"), stream: str = "telemetry"
+) -> list[str]:
+    """``count`` readings spread over ``topics``; data carries the per-topic sequence number."""
+    items = [
+        (
+            stream,
+            topics[i % len(topics)],
+            f'{{"n":{i // len(topics)},"v":{i * 0.5}}}',
+            1_700_000_000.0 + i,
+            0,
+        )
+        for i in range(count)
+    ]
+    return outbox.add(items)

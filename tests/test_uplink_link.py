@@ -1,0 +1,171 @@
+"""The MQTT uplink's link: mutual TLS, the last will, reconnect backoff, profile settings."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, parse
+from agent.uplink import MqttUplink
+from tests.broker import (
+    Broker,
+    Kicker,
+    Pki,
+    Subscriber,
+    free_port,
+    open_outbox,
+    until,
+    uplink_settings,
+    wait_until,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def test_mutual_tls_connects_and_delivers(
+    tls_broker: Broker, pki: Pki, tmp_path: Path
+) -> None:
+    sub = Subscriber(tls_broker.port, "simkeeper/#", tls=(pki.ca, pki.client_cert, pki.client_key))
+    settings = uplink_settings(
+        tls_broker.port,
+        tls=True,
+        allow_plain=False,
+        ca=pki.ca,
+        cert=pki.client_cert,
+        key=pki.client_key,
+    )
+    outbox = open_outbox(tmp_path)
+    uplink = MqttUplink(settings, "gw-test", outbox)
+    await uplink.start()
+    try:
+        ids = outbox.add([("telemetry", "t", '{"ok":true}', 1.0, 0)])
+        await until(lambda: [r["id"] for r in sub.readings()] == ids, "the reading over TLS")
+        assert [m.payload for m in sub.on("status")] == [b"online"]
+    finally:
+        await uplink.stop()
+        sub.close()
+
+
+@pytest.mark.parametrize("case", ["certificate from another CA", "no certificate", "plain TCP"])
+async def test_tls_broker_refuses(tls_broker: Broker, pki: Pki, tmp_path: Path, case: str) -> None:
+    if case == "plain TCP":
+        settings = uplink_settings(tls_broker.port)
+    else:
+        cert, key = (pki.rogue_cert, pki.rogue_key) if "another" in case else (None, None)
+        settings = uplink_settings(
+            tls_broker.port, tls=True, allow_plain=False, ca=pki.ca, cert=cert, key=key
+        )
+    sub = Subscriber(tls_broker.port, "simkeeper/#", tls=(pki.ca, pki.client_cert, pki.client_key))
+    uplink = MqttUplink(settings, "gw-test", open_outbox(tmp_path))
+    await uplink.start()
+    try:
+        await until(lambda: uplink.connect_attempts >= 3, "several refused attempts")
+        assert not uplink.ready
+        assert sub.on("status") == []
+    finally:
+        await uplink.stop()
+        sub.close()
+
+
+async def test_server_certificate_is_verified(broker: Broker, pki: Pki, tmp_path: Path) -> None:
+    """An uplink configured for TLS never falls back to plain against a plain listener."""
+    settings = uplink_settings(
+        broker.port,
+        tls=True,
+        allow_plain=False,
+        ca=pki.ca,
+        cert=pki.client_cert,
+        key=pki.client_key,
+    )
+    sub = Subscriber(broker.port, "simkeeper/#")
+    uplink = MqttUplink(settings, "gw-test", open_outbox(tmp_path))
+    await uplink.start()
+    try:
+        await until(lambda: uplink.connect_attempts >= 3, "several failed handshakes")
+        assert not uplink.ready and sub.on("status") == []
+    finally:
+        await uplink.stop()
+        sub.close()
+
+
+_AGENT = """
+import asyncio, sys
+from pathlib import Path
+from agent.uplink import MqttUplink
+from tests.broker import open_outbox, uplink_settings
+
+async def main() -> None:
+    settings = uplink_settings(int(sys.argv[1]))
+    uplink = MqttUplink(settings, "gw-test", open_outbox(Path(sys.argv[2])))
+    await uplink.start()
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_last_will_marks_a_killed_agent_offline(broker: Broker, tmp_path: Path) -> None:
+    sub = Subscriber(broker.port, "simkeeper/gw-test/status")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _AGENT, str(broker.port), str(tmp_path)], cwd=REPO
+    )
+    try:
+        wait_until(lambda: [m.payload for m in sub.messages] == [b"online"], what="online")
+        proc.send_signal(signal.SIGKILL)  # no DISCONNECT: the broker must publish the will
+        proc.wait()
+        wait_until(lambda: len(sub.messages) == 2, what="the last will")
+        assert sub.messages[-1].payload == b"offline"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sub.close()
+    late = Subscriber(broker.port, "simkeeper/gw-test/status")
+    try:
+        wait_until(lambda: len(late.messages) == 1, what="the retained status")
+        assert late.messages[0].payload == b"offline" and late.messages[0].retain
+    finally:
+        late.close()
+
+
+@pytest.mark.parametrize("far_end", ["broker down", "broker kicks after CONNACK"])
+async def test_reconnects_back_off_without_a_storm(tmp_path: Path, far_end: str) -> None:
+    """With reconnect_max = 0.5 s, full jitter averages 0.25 s between attempts once capped:
+    about 12 attempts in 3 s. A storm (no backoff, or a backoff reset by each short-lived
+    connection) makes hundreds. The bound, 40, is far from both."""
+    kicker = Kicker() if far_end.startswith("broker kicks") else None
+    port = kicker.port if kicker else free_port()
+    uplink = MqttUplink(uplink_settings(port), "gw-test", open_outbox(tmp_path))
+    await uplink.start()
+    try:
+        await until(lambda: uplink.connect_attempts >= 2, "the first attempts")
+        first = uplink.connect_attempts
+        await asyncio.sleep(3.0)  # the window in which attempts are counted
+        attempts = uplink.connect_attempts - first
+        assert 2 <= attempts <= 40
+        if kicker:  # each attempt got through to CONNACK and was kicked
+            assert kicker.accepted >= uplink.connect_attempts - 1
+    finally:
+        await uplink.stop()
+        if kicker:
+            kicker.close()
+
+
+@pytest.mark.parametrize("keepalive", [0, 4, 1201])
+def test_beam_profile_refuses_keepalive_outside_5_to_1200(keepalive: int) -> None:
+    text = (
+        f'device_id = "gw"\n[uplink]\nprofile = "beam"\nallow_plain = true\nkeepalive = {keepalive}'
+    )
+    with pytest.raises(ConfigError, match="keepalive"):
+        parse(text)
+
+
+def test_plain_mqtt_off_loopback_needs_allow_plain() -> None:
+    with pytest.raises(ConfigError, match="allow_plain"):
+        parse('device_id = "gw"\n[uplink]\nhost = "broker.example.com"')
+    assert parse('device_id = "gw"\n[uplink]\nhost = "beam.soracom.io"\nallow_plain = true')
