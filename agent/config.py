@@ -194,6 +194,9 @@ class ModemConfig:
     interface: str = field(
         default="wwan0", metadata=spec(_text(r"[A-Za-z0-9_.:\-]{1,15}", "a network interface name"))
     )
+    nm_connection: str | None = field(
+        default=None, metadata=spec(_text(r"[^\0\n]{1,200}", "a NetworkManager connection name"))
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +286,61 @@ class UsageConfig:
     plan: tuple[Plan, ...] = field(default=(), metadata=spec(_list(_table(Plan), max_len=16)))
 
 
+_APN = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*"
+_HOST = r"[A-Za-z0-9.:\-\[\]]{1,253}"
+
+
+def _suffix(*suffixes: str) -> Check:
+    def check(value: Any, key: str) -> Path:
+        path = _path(value, key)
+        if path.suffix.lower() not in suffixes:
+            raise _bad(key, f"a {' or '.join(suffixes)} file", value)
+        return path
+
+    return check
+
+
+def _alarms(value: Any, key: str) -> tuple[float, ...]:
+    found = _list(_number(60, 366 * 86400), max_len=8)(value, key)
+    if list(found) != sorted(set(found), reverse=True):
+        raise _bad(key, "seconds before the deadline, decreasing, each once", value)
+    return tuple(found)
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleConfig:
+    """The SIM keeper (:mod:`agent.keeper`): activation, alarms, network rejects."""
+
+    manifest: Path | None = field(default=None, metadata=spec(_suffix(".csv", ".toml")))
+    apn: str = field(default="soracom.io", metadata=spec(_text(_APN, "an APN")))
+    cid: int = field(default=1, metadata=spec(_int(1, 24)))
+    probe: str = field(default="uplink", metadata=spec(_choice("uplink", "tcp", "udp")))
+    probe_host: str = field(default="pong.soracom.io", metadata=spec(_text(_HOST, "a host")))
+    probe_port: int = field(default=7, metadata=spec(_int(1, 65535)))
+    probe_timeout: float = field(default=10.0, metadata=spec(_number(0.1, 300)))
+    poll_interval: float = field(default=60.0, metadata=spec(_number(1, 86400)))
+    register_timeout: float = field(default=180.0, metadata=spec(_number(1, 3600)))
+    retry_base: float = field(default=15.0, metadata=spec(_number(0.01, 86400)))
+    retry_min: float = field(default=10.0, metadata=spec(_number(0.01, 86400)))
+    retry_urgent: float = field(default=60.0, metadata=spec(_number(0.01, 86400)))
+    retry_cap: float = field(default=1800.0, metadata=spec(_number(0.01, 7 * 86400)))
+    network_probe_interval: float = field(
+        default=6 * 3600.0, metadata=spec(_number(1, 30 * 86400))
+    )
+    time_sync_interval: float = field(default=3600.0, metadata=spec(_number(10, 7 * 86400)))
+    alarms: tuple[float, ...] = field(
+        default=(7 * 86400.0, 86400.0, 3600.0), metadata=spec(_alarms)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ConformanceConfig:
+    list: Path | None = field(default=None, metadata=spec(_suffix(".toml", ".json")))
+    signature: Path | None = field(default=None, metadata=spec(_path))
+    malfunction_resets: int = field(default=5, metadata=spec(_int(1, 1000)))
+    malfunction_window: float = field(default=3600.0, metadata=spec(_number(1, 7 * 86400)))
+
+
 @dataclass(frozen=True, slots=True)
 class CommandsConfig:
     operator_key: Path | None = field(default=None, metadata=spec(_path))
@@ -301,6 +359,12 @@ class Config:
     usage: UsageConfig = field(default_factory=UsageConfig, metadata=spec(_table(UsageConfig)))
     commands: CommandsConfig = field(
         default_factory=CommandsConfig, metadata=spec(_table(CommandsConfig))
+    )
+    lifecycle: LifecycleConfig = field(
+        default_factory=LifecycleConfig, metadata=spec(_table(LifecycleConfig))
+    )
+    conformance: ConformanceConfig = field(
+        default_factory=ConformanceConfig, metadata=spec(_table(ConformanceConfig))
     )
 
 
@@ -362,9 +426,20 @@ def _check_usage(usage: UsageConfig) -> None:
         raise ConfigError("usage.plan: an ICCID appears twice")
 
 
+def _check_lifecycle(lc: LifecycleConfig, conf: ConformanceConfig) -> None:
+    if not lc.retry_min <= lc.retry_urgent <= lc.retry_cap:
+        raise ConfigError(
+            "lifecycle.retry_urgent: need retry_min <= retry_urgent <= retry_cap"
+            f" (got {_num(lc.retry_min)}, {_num(lc.retry_urgent)}, {_num(lc.retry_cap)})"
+        )
+    if conf.signature is not None and conf.list is None:
+        raise ConfigError("conformance.signature: set, but conformance.list is not")
+
+
 def _check(config: Config) -> Config:
     _check_uplink(config.uplink)
     _check_usage(config.usage)
+    _check_lifecycle(config.lifecycle, config.conformance)
     if len(os.fsencode(config.ingest.socket)) > SOCKET_PATH_MAX:
         raise ConfigError(
             f"ingest.socket: longer than {SOCKET_PATH_MAX} bytes (a Unix socket limit)"
