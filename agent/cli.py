@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate-modem": ("drivers.simulator.cli", "a virtual modem on a pty; prints its path"),
     "demo": ("agent.demo", "everything on this machine: simulated modem and live view"),
     "publish": ("agent.cmd_publish", "hand a reading to the running agent"),
+    "run": ("agent.cmd_run", "the daemon (systemd Type=notify)"),
+    "status": ("agent.cmd_status", "the running agent's state"),
     "provision": ("agent.cmd_provision", "factory: CA, device identities, bundles, batches"),
 }
 

@@ -1,7 +1,10 @@
 """``simkeeper demo``: the agent end to end on this machine, with a live view.
 
-A simulated modem (``drivers.simulator``) runs a scenario on a real pty; the agent opens it like
-any modem and the view refreshes what it reads, with the URCs it hears, until Ctrl-C (or
+Everything runs here, in temporary files: a simulated modem (``drivers.simulator``) plays a
+scenario on a real pty; a local mosquitto listens on a free loopback port; the real daemon
+(:class:`agent.daemon.Daemon`, in this process) owns the modem, the outbox and the uplink; a
+little app publishes sample readings through the ingest socket, as any app on a gateway would;
+and a subscriber shows what reaches the broker. The view refreshes until Ctrl-C (or
 ``--duration`` seconds).
 """
 
@@ -9,21 +12,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import config
+from agent.batch import BatchError, decode_batch
 from agent.cmd_modem import render
-from drivers.at import Urc
-from drivers.channel import AtChannel
-from drivers.errors import ModemError
-from drivers.modem import Modem
+from agent.daemon import Daemon
 from drivers.simulator import SimulatedModem, load_scenario
 
 DEMO_SCENARIO = Path(__file__).resolve().parent.parent / "drivers/simulator/scenarios/demo.toml"
 CLEAR = "\x1b[H\x1b[2J"
+DEVICE = "demo-gw"
+APP_TOPIC = "demo/room1"
+
+
+class DemoError(Exception):
+    """The demo cannot run here (the message says what to install)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,57 +57,178 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(demo(args.scenario, args.interval, args.duration, sys.stdout))
+    try:
+        asyncio.run(demo(args.scenario, args.interval, args.duration, sys.stdout))
+    except DemoError as exc:
+        print(f"simkeeper demo: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
-async def demo(scenario: Path, interval: float, duration: float, out: TextIO) -> None:
-    heard: deque[str] = deque(maxlen=8)
-    started = time.monotonic()
-    async with SimulatedModem(scenario=load_scenario(scenario)) as sim:
-        chan = await AtChannel.open(sim.path)
-        modem = Modem(chan)
-        stale = [True]  # (re)initialise at start and after every modem reset
-
-        def on_reset(why: str) -> None:
-            stale[0] = True
-            heard.append(f"{_elapsed(started)}  reset: {why}")
-
-        chan.add_urc_listener(lambda u: heard.append(_stamp(started, u)))
-        chan.add_reset_listener(on_reset)
-        try:
-            while not duration or time.monotonic() - started < duration:
-                view = await _snapshot(modem, stale)
-                _draw(out, sim.path, started, view, heard)
-                await asyncio.sleep(interval)
-        finally:
-            await chan.close()
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto")
+    if found is None and os.access("/usr/sbin/mosquitto", os.X_OK):
+        found = "/usr/sbin/mosquitto"
+    if found is None:
+        raise DemoError("mosquitto not found on PATH or in /usr/sbin; install it"
+                        " (`make deps`, or `sudo apt-get install mosquitto`)")
+    return found
 
 
-async def _snapshot(modem: Modem, stale: list[bool]) -> str:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _broker(directory: Path) -> Iterator[int]:
+    """A throwaway mosquitto on a free loopback port."""
+    binary = mosquitto_binary()
+    port = _free_port()
+    conf = directory / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "log_dest stderr\nlog_type error\n"
+                    + ("user root\n" if os.geteuid() == 0 else ""))
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     try:
-        if stale[0]:
-            stale[0] = False
-            await modem.init()
-        info: dict[str, Any] = await modem.info()
-    except ModemError as exc:
-        stale[0] = True
-        return f"(modem not answering: {exc})"
-    if info["imei"] is None:
-        stale[0] = True  # still booting: set the modem up again next round
-    return render(info)
+        _wait_listening(proc, port)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
-def _draw(out: TextIO, path: str, started: float, view: str, heard: deque[str]) -> None:
-    head = f"simkeeper demo: simulated modem on {path}, t+{_elapsed(started)}  (Ctrl-C stops)"
-    text = "\n".join([head, "", view, "", "unsolicited:", *heard])
-    out.write((CLEAR if out.isatty() else "\n") + text + "\n")
+def _wait_listening(proc: subprocess.Popen[bytes], port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            raise DemoError(f"mosquitto exited at start: {err or proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.05)
+    raise DemoError(f"mosquitto is not listening on port {port} after 10 s")
+
+
+class _Watcher:
+    """Subscribes to the device's topics; counts what arrives (paho's own thread: a viewer)."""
+
+    def __init__(self, port: int) -> None:
+        self.readings: Counter[str] = Counter()
+        self.last: deque[str] = deque(maxlen=6)
+        self.status = "-"
+        self._lock = threading.Lock()
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        self._client.on_connect = lambda c, *_: c.subscribe(f"simkeeper/{DEVICE}/#", qos=1)
+        self._client.on_message = self._on_message
+        self._client.connect_async("127.0.0.1", port)
+        self._client.loop_start()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        name = msg.topic.split("/", 2)[-1]
+        with self._lock:
+            if name == "status":
+                self.status = msg.payload.decode(errors="replace")
+            elif name == "telemetry":
+                with contextlib.suppress(BatchError):
+                    for r in decode_batch(bytes(msg.payload))["readings"]:
+                        self.readings[r["topic"]] += 1
+                        self.last.append(f"{r['id']:>14}  {r['topic']:<13} "
+                                         f"{json.dumps(r['data'])[:60]}")
+            else:
+                self.last.append(f"{name:>14}  {msg.payload[:70].decode(errors='replace')}")
+
+    def view(self) -> list[str]:
+        with self._lock:
+            counts = ", ".join(f"{t}: {n}" for t, n in sorted(self.readings.items()))
+            return [f"status {self.status}; readings {counts or 'none yet'}", *self.last]
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+async def _sample_app(path: Path) -> None:
+    """A sensor app: one reading a second over the ingest socket, each answered."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        n = 0
+        while True:
+            temp = round(21 + 2 * math.sin(n / 10), 2)
+            line = {"topic": APP_TOPIC, "data": {"temp_c": temp, "n": n}}
+            writer.write(json.dumps(line).encode() + b"\n")
+            await reader.readline()
+            n += 1
+            await asyncio.sleep(1)
+    finally:
+        writer.close()
+
+
+async def demo(scenario: Path, interval: float, duration: float, out: TextIO) -> None:
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="simkeeper-demo-") as tmp, _broker(Path(tmp)) as port:
+        directory = Path(tmp)
+        link = directory / "modem"
+        async with SimulatedModem(scenario=load_scenario(scenario), link=link):
+            cfg = config.parse(
+                f'device_id = "{DEVICE}"\n[modem]\nport = "{link}"\n'
+                f"[uplink]\nport = {port}\nbatch_max_latency = 1.0\n"
+                "rate_messages_per_minute = 600\n"  # a lively view; the default is 60
+                f'[store]\npath = "{directory / "state/simkeeper.db"}"\n'
+                f'[ingest]\nsocket = "{directory / "ingest.sock"}"\n'
+            )
+            daemon = Daemon(cfg, poll_interval=interval, health_interval=30.0)
+            stop = asyncio.Event()
+            agent = asyncio.create_task(daemon.run(stop))
+            serving = asyncio.create_task(daemon.serving.wait())
+            await asyncio.wait([agent, serving], return_when=asyncio.FIRST_COMPLETED)
+            if agent.done():
+                serving.cancel()
+                await agent  # raises why it could not start
+            watcher = _Watcher(port)
+            app = asyncio.create_task(_sample_app(cfg.ingest.socket))
+            try:
+                while not duration or time.monotonic() - started < duration:
+                    _draw(out, started, port, daemon, watcher)
+                    await asyncio.sleep(interval)
+            finally:
+                app.cancel()
+                await asyncio.gather(app, return_exceptions=True)
+                watcher.close()
+                stop.set()
+                await agent
+
+
+def _draw(out: TextIO, started: float, port: int, daemon: Daemon, watcher: _Watcher) -> None:
+    elapsed = f"{time.monotonic() - started:5.1f}s"
+    lines = [f"simkeeper demo: agent {DEVICE}, broker 127.0.0.1:{port}, t+{elapsed}"
+             "  (Ctrl-C stops)", ""]
+    for session in daemon.sessions.values():
+        lines.append(f"modem {session.port}: {session.state}"
+                     + (f" ({session.detail})" if session.detail else ""))
+        if session.info:
+            lines.append(render(session.info))
+        for iccid in [session.iccid] if session.iccid else []:
+            report = daemon.usage.report(iccid)
+            lines.append(f"usage {iccid}: {report['bytes_up']} B up, {report['bytes_down']} B"
+                         f" down ({report['source']}), billed estimate"
+                         f" {report['billed_estimate']} B")
+    count, size = daemon.outbox.depth()
+    up = daemon.uplink_state()
+    lines += [
+        "",
+        f"outbox: {count} readings waiting ({size} B)",
+        f"uplink: {up['kind']} {up['state']}, {up['readings_sent']} readings sent",
+        "",
+        "at the broker:",
+        *watcher.view(),
+        "",
+        f"watch it yourself: mosquitto_sub -p {port} -t 'simkeeper/#' -v",
+    ]
+    out.write((CLEAR if out.isatty() else "\n") + "\n".join(lines) + "\n")
     out.flush()
-
-
-def _elapsed(started: float) -> str:
-    return f"{time.monotonic() - started:5.1f}s"
-
-
-def _stamp(started: float, urc: Urc) -> str:
-    return f"{_elapsed(started)}  {urc.text}"

@@ -76,7 +76,22 @@ CREATE TABLE usage_alert (
 CREATE TABLE usage_plan (iccid TEXT PRIMARY KEY, plan_bytes INTEGER NOT NULL) WITHOUT ROWID;
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1,)
+# The running daemon's own row (agent.daemon.Runtime), read by `simkeeper status`: written when
+# something shown changes, the heartbeat at most once a minute.
+_V2 = """
+CREATE TABLE runtime (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat REAL NOT NULL,
+    stopped_at REAL,
+    modems TEXT NOT NULL,
+    uplink TEXT NOT NULL,
+    usage TEXT NOT NULL
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 
 
 class StoreError(Exception):

@@ -230,8 +230,9 @@ class AtChannel:
                 self._write(port, data + b"\x1a")
             final = await waiter
         except asyncio.CancelledError:
-            if not waiter.cancelled():  # cancelled by the caller, not by the timer
-                raise
+            task = asyncio.current_task()
+            if not waiter.cancelled() or (task is not None and task.cancelling()):
+                raise  # the caller was cancelled (a stop), not the command's timer
             self._codec.abort()
             raise CommandTimeout(f"{cmd}: no answer within {timeout:g} s") from None
         finally:

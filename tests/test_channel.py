@@ -198,3 +198,16 @@ async def test_loop_transport_without_fd() -> None:
     with pytest.raises(CommandTimeout):
         await chan.command("AT+CSQ")
     await chan.close()
+
+
+async def test_cancelling_the_caller_is_not_a_timeout(peer: PtyPeer) -> None:
+    peer.script["AT+SLOW"] = None
+    chan = await AtChannel.open(peer.path)
+    task = asyncio.ensure_future(chan.command("AT+SLOW", timeout=5))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert chan.failures == 0  # no recovery ladder, no AT+CFUN=1,1 on a stop
+    assert "AT+CFUN=1,1" not in peer.received
+    await chan.close()

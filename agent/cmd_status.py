@@ -1,0 +1,178 @@
+"""``simkeeper status [--config FILE] [--json]``: the agent's state, read from its database.
+
+The database is opened read-only (``mode=ro``), so status never writes to the SD card or gets
+in the daemon's way. The daemon keeps one ``runtime`` row (pid, start, heartbeat, modems,
+uplink, usage) up to date; outbox depth and drops are read live. The agent counts as running
+when that pid is alive, the row says it has not stopped, and its heartbeat is recent.
+
+Exit 0 while the agent runs; 1 when there is no database or the agent is not running (the last
+known state is still printed), 2 for a config it cannot read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import config
+
+HEARTBEAT = 60.0  # the daemon writes its heartbeat at most this often (agent.daemon)
+STALE = 3 * HEARTBEAT + 30  # no heartbeat for this long: the agent hangs or died unseen
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_argument(parser)
+    parser.add_argument("--json", action="store_true", help="one JSON object (see README)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        return _fail(2, str(exc))
+    path = cfg.store.path
+    if not path.exists():
+        return _fail(1, f"no database at {path}: the agent has never run with this config")
+    try:
+        status = read_status(path, cfg.device_id)
+    except sqlite3.Error as exc:
+        return _fail(1, f"cannot read {path}: {exc}")
+    print(json.dumps(status) if args.json else render(status))
+    if not status["running"]:
+        return _fail(1, f"the agent is not running: {status['reason']}")
+    return 0
+
+
+def _fail(code: int, why: str) -> int:
+    print(f"simkeeper status: {why}", file=sys.stderr)
+    return code
+
+
+def read_status(path: Path, device_id: str, now: float | None = None) -> dict[str, Any]:
+    """The ``--json`` object (fields in the README)."""
+    now = time.time() if now is None else now
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        has_runtime = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runtime'"
+        ).fetchone()
+        row = (
+            db.execute(
+                "SELECT pid, started_at, heartbeat, stopped_at, modems, uplink, usage"
+                " FROM runtime WHERE id = 1"
+            ).fetchone()
+            if has_runtime
+            else None
+        )
+        streams = db.execute("SELECT stream, COUNT(*), TOTAL(size) FROM outbox GROUP BY stream")
+        depth = {s: {"count": c, "bytes": int(b)} for s, c, b in streams}
+        drops = {
+            r: {"count": c, "bytes": b}
+            for r, c, b in db.execute("SELECT reason, count, bytes FROM outbox_drops")
+        }
+    finally:
+        db.close()
+    pid, started, heartbeat, stopped, modems, uplink, usage = row or (None,) * 7
+    modems = json.loads(modems) if modems else []
+    usage = json.loads(usage) if usage else []
+    running, reason = _liveness(pid, heartbeat, stopped, now)
+    return {
+        "device_id": device_id,
+        "running": running,
+        "reason": reason,
+        "pid": pid,
+        "started_at": started,
+        "heartbeat": heartbeat,
+        "stopped_at": stopped,
+        "sims": _sims(modems, usage),
+        "modems": modems,
+        "uplink": json.loads(uplink) if uplink else None,
+        "outbox": {
+            "count": sum(d["count"] for d in depth.values()),
+            "bytes": sum(d["bytes"] for d in depth.values()),
+            "streams": depth,
+            "drops": drops,
+        },
+    }
+
+
+def _liveness(
+    pid: int | None, heartbeat: float | None, stopped: float | None, now: float
+) -> tuple[bool, str | None]:
+    if pid is None or heartbeat is None:
+        return False, "it has never run with this database"
+    if stopped is not None:
+        return False, f"it stopped at {_when(stopped)}"
+    if not _alive(pid):
+        return False, f"process {pid} is gone (killed? last heartbeat {_when(heartbeat)})"
+    if now - heartbeat > STALE:
+        return False, f"process {pid} has not written a heartbeat since {_when(heartbeat)}"
+    return True, None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's (the daemon runs as its own user)
+    return True
+
+
+def _sims(modems: list[dict[str, Any]], usage: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every SIM known (in a modem or metered), with its usage report, lifecycle to come."""
+    reports = {u["iccid"]: u for u in usage}
+    in_modems = [m["modem"]["sim"]["iccid"] for m in modems if m.get("modem")]
+    iccids = sorted({i for i in in_modems if i} | reports.keys())
+    return [{"iccid": i, "lifecycle": None, "usage": reports.get(i)} for i in iccids]
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
+
+
+def render(status: dict[str, Any]) -> str:
+    rows = [("device", status["device_id"])]
+    if status["running"]:
+        since = _when(status["started_at"])
+        rows.append(("agent", f"running (pid {status['pid']}, since {since})"))
+    else:
+        rows.append(("agent", f"not running: {status['reason']}"))
+    for sim in status["sims"]:
+        rows.append(("sim", f"{sim['iccid']}: lifecycle not tracked yet; {_usage(sim['usage'])}"))
+    for m in status["modems"]:
+        detail = f" ({m['detail']})" if m["detail"] else ""
+        rows.append(("modem", f"{m['port']}: {m['state']}{detail}"))
+        if info := m["modem"]:
+            reg, op, sig = info["registration"], info["operator"], info["signal"]
+            rows.append((
+                "",
+                f"{info['manufacturer']} {info['model']}, IMEI {info['imei']}, {reg['state']}"
+                f" ({reg['act']}) on {op['name'] or op['mcc_mnc'] or '-'},"
+                f" RSSI {sig['rssi_dbm']} dBm",
+            ))
+    if not status["modems"]:
+        rows.append(("modem", "none"))
+    if up := status["uplink"]:
+        rows.append(("uplink", f"{up['kind']}: {up['state']}, {up['readings_sent']} readings sent"))
+    box = status["outbox"]
+    dropped = sum(d["count"] for d in box["drops"].values())
+    waiting = f"{box['count']} readings waiting ({box['bytes']} B)"
+    rows.append(("outbox", f"{waiting}, {dropped} dropped"))
+    return "\n".join(f"{label:<10} {text}" for label, text in rows)
+
+
+def _usage(report: dict[str, Any] | None) -> str:
+    if not report:
+        return "no usage yet"
+    text = f"{report['bytes_up']} B up, {report['bytes_down']} B down ({report['source']})"
+    if report["share_used"] is not None:
+        text += f", {report['share_used']:.0%} of plan"
+    return text
