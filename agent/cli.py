@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("agent.cmd_run", "the daemon (systemd Type=notify)"),
     "status": ("agent.cmd_status", "the running agent's state"),
     "provision": ("agent.cmd_provision", "factory: CA, device identities, bundles, batches"),
+    "fleet": ("agent.cmd_fleet", "operator: sign and send commands, watch devices"),
 }
 
 

@@ -27,8 +27,6 @@ detached (a ``.sig`` file beside it), base64url without padding, over the file's
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 import tomllib
@@ -37,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from agent import signing
 from drivers.modem import Identity
 from drivers.parsers import ParseError
 from drivers.parsers.identity import imei_valid, parse_quectel_revision
@@ -135,33 +134,21 @@ def _squeeze(text: str) -> str:
 
 def verify(data: bytes, signature: str | bytes, public_key_pem: bytes) -> None:
     """Raise :class:`ConformanceError` unless ``signature`` (base64url, no padding) is the
-    operator key's Ed25519 signature of ``data``. cryptography is imported only here."""
-    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
+    operator key's Ed25519 signature of ``data`` (agent.signing does the work)."""
     text = signature.decode("ascii", "replace") if isinstance(signature, bytes) else signature
     text = text.strip()
     if not text:
         raise ConformanceError("the list is not signed")
     try:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
-            raise ValueError(text)
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise ConformanceError("signature is not base64url without padding") from None
-    if len(raw) != 64:
-        raise ConformanceError(f"signature is {len(raw)} bytes, Ed25519 needs 64")
+        raw = signing.decode_signature(text)
+    except signing.SigningError as exc:
+        raise ConformanceError(str(exc)) from None
     try:
-        key = load_pem_public_key(public_key_pem)
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ConformanceError(f"operator key is not a PEM public key: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConformanceError("operator key is not an Ed25519 key")
-    try:
-        key.verify(raw, data)
-    except InvalidSignature:
-        raise ConformanceError("signature does not match the list and the operator key") from None
+        key = signing.load_public_key(public_key_pem)
+    except signing.SigningError as exc:
+        raise ConformanceError(f"operator key is {exc}") from None
+    if not signing.verify(key, raw, data):
+        raise ConformanceError("signature does not match the list and the operator key")
 
 
 def _str(value: Any, where: str, pattern: str = r".{1,200}") -> str:

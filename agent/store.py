@@ -91,7 +91,30 @@ CREATE TABLE runtime (
 );
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+# Signed commands (agent.commands_journal): each id executed at most once, its result kept for
+# repeats until ``keep_until`` (past the envelope's expiry); operator keys installed by
+# ``rotate-key``, the newest row being the key in force.
+_V3 = """
+CREATE TABLE command_journal (
+    id TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    name TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    keep_until REAL NOT NULL,
+    status TEXT NOT NULL,
+    result TEXT
+) WITHOUT ROWID;
+CREATE INDEX command_journal_by_keep ON command_journal (keep_until);
+CREATE TABLE operator_key (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id TEXT NOT NULL,
+    pem TEXT NOT NULL,
+    installed_at REAL NOT NULL,
+    command_id TEXT NOT NULL
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 
 
 class StoreError(Exception):

@@ -1,0 +1,139 @@
+"""The operator's MQTT connection: broker address, TLS files, and a connected paho client.
+
+The fleet tools run on an operator's machine, one command at a time, so they use paho's own
+network thread (``loop_start``); the agent's one-loop rule is for the gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+class FleetError(Exception):
+    """What the fleet command could not do, in one line (exit 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerOptions:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    prefix: str = "simkeeper"
+    tls: bool = False
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password: str | None = None
+
+    def topic(self, device: str, name: str) -> str:
+        return f"{self.prefix}/{device}/{name}"
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[V6]:PORT``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or "]" in port or (host.count(":") and not host.startswith("[")):
+        host, port = text, "1883"
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", type=parse_broker, default=("127.0.0.1", 1883),
+                        metavar="HOST:PORT", help="MQTT broker (default 127.0.0.1:1883)")
+    parser.add_argument("--prefix", default="simkeeper", help="topic prefix (default simkeeper)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--ca", type=Path, help="CA certificate file (PEM); implies --tls")
+    parser.add_argument("--cert", type=Path, help="client certificate (PEM); implies --tls")
+    parser.add_argument("--client-key", type=Path, help="client certificate's key (PEM)")
+    parser.add_argument("--username", default=os.environ.get("SIMKEEPER_MQTT_USER"))
+    parser.add_argument("--password-file", type=Path,
+                        help="file holding the broker password (never on the command line)")
+
+
+def options_from(args: argparse.Namespace) -> BrokerOptions:
+    if (args.cert is None) != (args.client_key is None):
+        raise FleetError("--cert and --client-key go together")
+    password = None
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text().strip()
+        except OSError as exc:
+            raise FleetError(f"cannot read {args.password_file}: {exc.strerror}") from None
+    host, port = args.broker
+    return BrokerOptions(host=host, port=port, prefix=args.prefix,
+                         tls=bool(args.tls or args.ca or args.cert), ca=args.ca, cert=args.cert,
+                         key=args.client_key, username=args.username, password=password)
+
+
+def new_client(opts: BrokerOptions, client_id: str = "", *, clean: bool = True,
+               **kwargs: Any) -> mqtt.Client:
+    """An MQTT 5 client set up for ``opts`` (not connected)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5, **kwargs)
+    if opts.tls:
+        try:
+            client.tls_set(ca_certs=str(opts.ca) if opts.ca else None,
+                           certfile=str(opts.cert) if opts.cert else None,
+                           keyfile=str(opts.key) if opts.key else None,
+                           cert_reqs=ssl.CERT_REQUIRED)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise FleetError(f"TLS setup failed: {exc}") from None
+    if opts.username:
+        client.username_pw_set(opts.username, opts.password)
+    client.on_socket_open = _no_delay
+    client.reconnect_delay_set(1, 30)
+    return client
+
+
+def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """paho leaves Nagle on: a small PUBLISH after a PUBACK then waits for the broker's delayed
+    ACK (~40 ms a hop)."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def start(client: mqtt.Client, opts: BrokerOptions, *, timeout: float = 10.0,
+          clean_start: bool = True, properties: Any = None) -> None:
+    """Connect, start paho's thread, and wait for the CONNACK (FleetError on failure)."""
+    done = threading.Event()
+    failure: list[str] = []
+    previous = client.on_connect
+
+    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            failure.append(str(reason))
+        if previous is not None:
+            previous(c, userdata, flags, reason, props)  # type: ignore[call-arg]
+        done.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(opts.host, opts.port, keepalive=30, clean_start=clean_start,
+                       properties=properties)
+    except (OSError, ssl.SSLError) as exc:
+        raise FleetError(f"cannot reach broker {opts.host}:{opts.port}: {exc}") from None
+    client.loop_start()
+    if not done.wait(timeout) or failure:
+        client.loop_stop()
+        why = failure[0] if failure else f"no CONNACK within {timeout:g} s"
+        raise FleetError(f"broker {opts.host}:{opts.port} refused the connection: {why}")
+    client.on_connect = previous
+
+
+def stop(client: mqtt.Client) -> None:
+    client.disconnect()
+    client.loop_stop()

@@ -1,0 +1,156 @@
+"""``fleet watch``: the fleet as a table, from retained ``status`` and ``state`` and the
+``usage`` reports as they come.
+
+Columns: device, online, SIM state, activation deadline countdown, suspension, usage against
+plan, last seen. The ``state`` shape grows with the agent, so it is read defensively: the SIM
+summary is the first of ``sims[0]``, ``lifecycle``, ``sim`` that is an object with a ``state``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.batch import BatchError, decode_batch
+from agent.fleet.mqtt import BrokerOptions, new_client, start, stop
+
+COLUMNS = ("DEVICE", "ONLINE", "SIM", "DEADLINE", "SUSPENDED", "USAGE", "LAST SEEN")
+
+
+@dataclass
+class Device:
+    name: str
+    online: str = "?"
+    sim: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    last_seen: float | None = None
+
+
+def _sim(state: Any) -> dict[str, Any] | None:
+    if not isinstance(state, dict):
+        return None
+    sims = state.get("sims")
+    for cand in ((sims[0] if isinstance(sims, list) and sims else None),
+                 state.get("lifecycle"), state.get("sim")):
+        if isinstance(cand, dict) and "state" in cand:
+            return cand
+    return None
+
+
+def _duration(seconds: float) -> str:
+    sign, s = ("-" if seconds < 0 else ""), abs(int(seconds))
+    if s >= 86400:
+        return f"{sign}{s // 86400}d{s % 86400 // 3600}h"
+    if s >= 3600:
+        return f"{sign}{s // 3600}h{s % 3600 // 60}m"
+    return f"{sign}{s // 60}m{s % 60}s"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}TB"
+
+
+def row(dev: Device, now: float) -> tuple[str, ...]:
+    sim = dev.sim or {}
+    deadline = sim.get("deadline")
+    countdown = ("-" if sim.get("activated_at") or not isinstance(deadline, int | float)
+                 else _duration(deadline - now))
+    susp = sim.get("suspension")
+    suspended = susp.get("scope", "yes") if isinstance(susp, dict) else "-"
+    usage = "-"
+    if dev.usage:
+        used = int(dev.usage.get("bytes_up", 0)) + int(dev.usage.get("bytes_down", 0))
+        plan, share = dev.usage.get("plan_bytes"), dev.usage.get("share_used")
+        usage = _bytes(used) + (f"/{_bytes(plan)} ({share:.0%})"
+                                if plan and isinstance(share, int | float) else "")
+    seen = "-" if dev.last_seen is None else _duration(now - dev.last_seen) + " ago"
+    return (dev.name, dev.online, str(sim.get("state", "-")), countdown, str(suspended), usage,
+            seen)
+
+
+def render(devices: Iterable[Device], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    rows = [COLUMNS, *(row(d, now) for d in sorted(devices, key=lambda d: d.name))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+class Watcher:
+    """Keeps :attr:`devices` up to date from the broker (paho's thread; read under ``lock``)."""
+
+    def __init__(self, opts: BrokerOptions, *, clock: Callable[[], float] = time.time) -> None:
+        self.opts = opts
+        self.devices: dict[str, Device] = {}
+        self.lock = threading.Lock()
+        self.last_message = time.monotonic()
+        self.subscribed = threading.Event()
+        self._clock = clock
+        self._client = new_client(opts)
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = lambda *_a: self.subscribed.set()
+
+    def start(self) -> None:
+        start(self._client, self.opts)
+        self._client.subscribe([(self.opts.topic("+", t), 1) for t in ("status", "state", "usage")])
+
+    def stop(self) -> None:
+        stop(self._client)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        parts = msg.topic.split("/")
+        if len(parts) != 3:
+            return
+        device, kind, payload = parts[1], parts[2], bytes(msg.payload)
+        with self.lock:
+            self.last_message = time.monotonic()
+            dev = self.devices.setdefault(device, Device(device))
+            if kind == "status":
+                dev.online = {"online": "yes", "offline": "no"}.get(
+                    payload.decode("utf-8", "replace").strip(), "?")
+            elif kind == "state":
+                try:
+                    state = json.loads(payload)
+                except ValueError:
+                    return
+                dev.sim = _sim(state) or dev.sim
+                ts = state.get("ts") if isinstance(state, dict) else None
+                dev.last_seen = float(ts) if isinstance(ts, int | float) else self._clock()
+            elif kind == "usage":
+                self._usage(dev, payload)
+
+    def _usage(self, dev: Device, payload: bytes) -> None:
+        try:
+            readings = decode_batch(payload)["readings"]
+        except BatchError:
+            return
+        for reading in readings:
+            data = reading.get("data")
+            if isinstance(data, dict) and "bytes_up" in data:
+                dev.usage = data
+        dev.last_seen = self._clock()
+
+    def snapshot(self) -> str:
+        with self.lock:
+            return render(list(self.devices.values()), self._clock())
+
+    def settle(self, quiet: float = 0.3, limit: float = 5.0) -> None:
+        """Wait for the retained messages: until ``quiet`` seconds pass without one."""
+        end = time.monotonic() + limit
+        self.subscribed.wait(limit)
+        while time.monotonic() < end:
+            with self.lock:
+                idle = time.monotonic() - self.last_message
+            if idle >= quiet:
+                return
+            time.sleep(min(quiet - idle, 0.05) + 0.01)

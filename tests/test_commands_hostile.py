@@ -1,0 +1,126 @@
+"""10,000 hostile payloads through CommandProcessor.handle: 0 executed, 0 crashes, each answered."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.fleet.sign import make_envelope
+from agent.signing import canonical_json
+from agent.store import Store
+from tests.test_commands import DEVICE, NOW, Spy, processor, resign, signed
+
+COUNT = 10_000
+_VALUES: list[Any] = [None, True, 0, -1, 1.5, 2**70, "", "x" * 300, [], {}, [1, [2]],
+                      {"a": {"b": None}}, "\u202e", "\ud800", 1e308]
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def generators(key: Ed25519PrivateKey, rogue: Ed25519PrivateKey,
+               rng: random.Random) -> list[Callable[[], bytes]]:
+    def env(**changes: Any) -> dict[str, Any]:
+        base = make_envelope(key, DEVICE, "decommission", {}, now=NOW, cid=f"h{rng.random()}"[:60]
+                             .replace(".", "_"))
+        base.update(changes)
+        return base
+
+    def random_bytes() -> bytes:
+        return rng.randbytes(rng.choice([0, 1, 2, 7, 64, 500, 4000]))
+
+    def huge() -> bytes:
+        return b'{"id":"' + b"a" * (300 * 1024) + b'"}'
+
+    def deep() -> bytes:
+        n = rng.choice([17, 100, 5000, 100_000])
+        return (b"[" * n + b"]" * n) if rng.random() < 0.5 else (b'{"a":' * n + b"1" + b"}" * n)
+
+    def wrong_types() -> bytes:
+        field = rng.choice(["id", "device_id", "name", "args", "issued_at", "expires_at", "sig"])
+        e = env()
+        e[field] = rng.choice([v for v in _VALUES if v != e[field]])
+        return json.dumps(e).encode("utf-8", "surrogatepass")
+
+    def missing_or_extra() -> bytes:
+        e = env()
+        if rng.random() < 0.5:
+            e.pop(rng.choice(sorted(e)))
+        else:
+            e[rng.choice(["key", "nonce", "Sig", "ID"])] = 1
+        return canonical_json(e)
+
+    def forged_sig() -> bytes:
+        return canonical_json(env(sig=_b64(rng.randbytes(64))))
+
+    def tampered() -> bytes:  # a valid signature over other bytes
+        e = env()
+        e["args"] = {"scope": rng.choice(["data", "radio"])}
+        return canonical_json(e)
+
+    def rogue_key() -> bytes:
+        return resign(rogue, env())
+
+    def replayed() -> bytes:  # the executed id "legit", re-signed around another command
+        return signed(key, rng.choice(["decommission", "reset-modem", "suspend"]),
+                      {"scope": "radio"} if rng.random() < 0.5 else {}, cid="legit")
+
+    def refused_but_signed() -> bytes:
+        kind = rng.randrange(4)
+        if kind == 0:
+            return signed(key, "decommission", {}, device="gw-9999")
+        if kind == 1:
+            return signed(key, "decommission", {}, now=NOW - 86400)
+        if kind == 2:
+            return signed(key, rng.choice(["format-disk", "Resume", "shell"]), {})
+        return signed(key, "suspend", {"scope": rng.choice([v for v in _VALUES if v != "\ud800"])})
+
+    def junk_json() -> bytes:
+        return rng.choice([b"null", b"[]", b'"str"', b"1e999", b'{"sig":null}', b"NaN",
+                           b'{"a":1,"a":2}', b'{"id":"x","sig":"' + b"A" * 86 + b'"}',
+                           b'\xef\xbb\xbf{}', json.dumps({"x": "\ud800"}).encode()])
+
+    return [random_bytes, huge, deep, wrong_types, missing_or_extra, forged_sig, tampered,
+            rogue_key, replayed, refused_but_signed, junk_json]
+
+
+async def test_ten_thousand_hostile_payloads(tmp_path: Path) -> None:
+    store = Store(tmp_path / "simkeeper.db")
+    key, rogue = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    spy = Spy()
+    proc = processor(store, key, spy)
+    legit = signed(key, "resume", {}, cid="legit")
+    first = await proc.handle(legit)
+    assert first["status"] == "ok"
+    spy.calls.clear()
+    rng = random.Random(5)
+    gens = generators(key, rogue, rng)
+    statuses: dict[str, int] = {}
+    started = time.monotonic()
+    for i in range(COUNT):
+        payload = legit if i % 1000 == 0 else gens[i % len(gens)]()
+        res = await proc.handle(payload)
+        assert set(res) == {"id", "status", "detail"}, res
+        assert res["id"] is None or isinstance(res["id"], str)
+        assert isinstance(res["detail"], str) and "\n" not in res["detail"]
+        if payload is legit:
+            assert res == first
+        else:
+            assert res["status"] == "rejected", (payload[:200], res)
+        statuses[res["detail"].split(":")[0]] = statuses.get(res["detail"].split(":")[0], 0) + 1
+    elapsed = time.monotonic() - started
+    assert spy.calls == []
+    assert proc.executed == 1
+    assert proc.journal.size() == 1
+    assert {"malformed", "unsigned", "bad signature", "unknown command", "bad arguments",
+            "replayed", "other device", "expired"} <= statuses.keys(), statuses
+    assert elapsed < 60, elapsed
+    store.close()

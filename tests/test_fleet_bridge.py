@@ -1,0 +1,115 @@
+"""flux-bridge against a local HTTP server that fails and recovers: every reading posted, and a
+bridge stopped mid-outage loses nothing (its unacknowledged messages come back to the next)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.batch import encode_entries
+from agent.fleet.flux_bridge import FluxBridge
+from agent.fleet.mqtt import BrokerOptions
+from agent.ratelimit import Backoff
+from tests.broker import Broker, wait_until
+
+
+class Webhook(ThreadingHTTPServer):
+    """Answers 503 while ``failing``; records every body it accepted."""
+
+    def __init__(self) -> None:
+        self.failing = True
+        self.accepted: list[dict[str, Any]] = []
+        self.refused = 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/flux"
+
+    def reading_ids(self) -> set[str]:
+        with self.lock:
+            return {r["id"] for b in self.accepted for r in b["readings"]}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Webhook
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with self.server.lock:
+            failing = self.server.failing
+            if failing:
+                self.server.refused += 1
+            else:
+                self.server.accepted.append(json.loads(body))
+        self.send_response(503 if failing else 204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    server = Webhook()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def publish_batches(port: int, devices: int, batches: int, per_batch: int) -> set[str]:
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    ids: set[str] = set()
+    for d in range(devices):
+        for b in range(batches):
+            rids = [f"gw{d}-{b}-{i}" for i in range(per_batch)]
+            entries = [json.dumps({"id": r, "ts": 1.0, "topic": "t", "data": {"v": i}})
+                       for i, r in enumerate(rids)]
+            batch = encode_entries(f"gw-{d}", rids, entries, compress=b % 2 == 0)
+            pub.publish(f"simkeeper/gw-{d}/telemetry", batch.payload, qos=1).wait_for_publish(5)
+            ids.update(rids)
+    pub.publish("simkeeper/gw-0/telemetry", b"not a batch", qos=1).wait_for_publish(5)
+    pub.disconnect()
+    pub.loop_stop()
+    return ids
+
+
+def start_bridge(port: int, url: str) -> tuple[FluxBridge, threading.Event, threading.Thread]:
+    bridge = FluxBridge(BrokerOptions(port=port), url, client_id="bridge-test",
+                        backoff=Backoff(0.01, 0.05))
+    stop = threading.Event()
+    thread = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
+    thread.start()
+    assert bridge.subscribed.wait(10.0), "bridge subscribed"
+    return bridge, stop, thread
+
+
+def test_nothing_lost_through_an_outage_and_a_bridge_restart(broker: Broker,
+                                                             webhook: Webhook) -> None:
+    first, stop, thread = start_bridge(broker.port, webhook.url)
+    ids = publish_batches(broker.port, devices=3, batches=10, per_batch=5)
+    wait_until(lambda: webhook.refused >= 5, 10.0, "webhook failing")
+    stop.set()  # stopped mid-outage: the batch in hand was never acknowledged
+    thread.join(10)
+    assert first.stats.posted == 0 and first.stats.failures >= 5
+    second, stop2, thread2 = start_bridge(broker.port, webhook.url)
+    wait_until(lambda: second.stats.failures > 0, 10.0, "redelivered to the new bridge")
+    webhook.failing = False  # recovers
+    wait_until(lambda: webhook.reading_ids() >= ids, 20.0, "every reading posted")
+    stop2.set()
+    thread2.join(10)
+    assert webhook.reading_ids() == ids
+    assert second.stats.dropped == 1 and second.stats.readings >= len(ids)
