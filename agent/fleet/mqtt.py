@@ -7,9 +7,7 @@ network thread (``loop_start``); the agent's one-loop rule is for the gateway.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -18,6 +16,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.uplink_paho import tcp_no_delay
 
 
 class FleetError(Exception):
@@ -94,16 +94,9 @@ def new_client(opts: BrokerOptions, client_id: str = "", *, clean: bool = True,
             raise FleetError(f"TLS setup failed: {exc}") from None
     if opts.username:
         client.username_pw_set(opts.username, opts.password)
-    client.on_socket_open = _no_delay
+    client.on_socket_open = lambda _client, _userdata, sock: tcp_no_delay(sock)
     client.reconnect_delay_set(1, 30)
     return client
-
-
-def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
-    """paho leaves Nagle on: a small PUBLISH after a PUBACK then waits for the broker's delayed
-    ACK (~40 ms a hop)."""
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def start(client: mqtt.Client, opts: BrokerOptions, *, timeout: float = 10.0,
