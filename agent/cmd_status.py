@@ -64,7 +64,7 @@ def read_status(path: Path, device_id: str, now: float | None = None) -> dict[st
         ).fetchone()
         row = (
             db.execute(
-                "SELECT pid, started_at, heartbeat, stopped_at, modems, uplink, usage"
+                "SELECT pid, started_at, heartbeat, stopped_at, modems, uplink, usage, sims"
                 " FROM runtime WHERE id = 1"
             ).fetchone()
             if has_runtime
@@ -78,9 +78,10 @@ def read_status(path: Path, device_id: str, now: float | None = None) -> dict[st
         }
     finally:
         db.close()
-    pid, started, heartbeat, stopped, modems, uplink, usage = row or (None,) * 7
+    pid, started, heartbeat, stopped, modems, uplink, usage, sims = row or (None,) * 8
     modems = json.loads(modems) if modems else []
     usage = json.loads(usage) if usage else []
+    sims = json.loads(sims) if sims else []
     running, reason = _liveness(pid, heartbeat, stopped, now)
     return {
         "device_id": device_id,
@@ -90,7 +91,7 @@ def read_status(path: Path, device_id: str, now: float | None = None) -> dict[st
         "started_at": started,
         "heartbeat": heartbeat,
         "stopped_at": stopped,
-        "sims": _sims(modems, usage),
+        "sims": _sims(modems, usage, sims),
         "modems": modems,
         "uplink": json.loads(uplink) if uplink else None,
         "outbox": {
@@ -126,12 +127,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _sims(modems: list[dict[str, Any]], usage: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every SIM known (in a modem or metered), with its usage report, lifecycle to come."""
+def _sims(modems: list[dict[str, Any]], usage: list[dict[str, Any]],
+          keeper: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every SIM known (to the keeper, in a modem, or metered): its lifecycle summary
+    (agent.keeper_summary) and its usage report."""
     reports = {u["iccid"]: u for u in usage}
+    kept = {k["iccid"]: k for k in keeper}
     in_modems = [m["modem"]["sim"]["iccid"] for m in modems if m.get("modem")]
-    iccids = sorted({i for i in in_modems if i} | reports.keys())
-    return [{"iccid": i, "lifecycle": None, "usage": reports.get(i)} for i in iccids]
+    iccids = sorted({i for i in in_modems if i} | reports.keys() | kept.keys())
+    return [{"iccid": i, "lifecycle": kept.get(i), "usage": reports.get(i)} for i in iccids]
 
 
 def _when(ts: float) -> str:
@@ -146,7 +150,8 @@ def render(status: dict[str, Any]) -> str:
     else:
         rows.append(("agent", f"not running: {status['reason']}"))
     for sim in status["sims"]:
-        rows.append(("sim", f"{sim['iccid']}: lifecycle not tracked yet; {_usage(sim['usage'])}"))
+        rows.append(("sim", f"{sim['iccid']}: {_lifecycle(sim['lifecycle'])}"))
+        rows.append(("", f"usage: {_usage(sim['usage'])}"))
     for m in status["modems"]:
         detail = f" ({m['detail']})" if m["detail"] else ""
         rows.append(("modem", f"{m['port']}: {m['state']}{detail}"))
@@ -176,3 +181,28 @@ def _usage(report: dict[str, Any] | None) -> str:
     if report["share_used"] is not None:
         text += f", {report['share_used']:.0%} of plan"
     return text
+
+
+def _lifecycle(sim: dict[str, Any] | None) -> str:
+    """``active``, ``suspended (radio, by network: ...)``, deadline and conformance, one line."""
+    if not sim:
+        return "lifecycle unknown"
+    text = str(sim["state"]) + (" (in the modem)" if sim["current"] else "")
+    if susp := sim["suspension"]:
+        why = f": {susp['reason']}" if susp["reason"] else ""
+        text += f", suspended ({susp['scope']}, by {susp['source']}{why})"
+    if sim["deadline"] is not None and sim["activated_at"] is None:
+        text += f", activation deadline {_when(sim['deadline'])}"
+        if sim["time_left"] is not None:
+            text += f" ({_duration(sim['time_left'])} left)"
+    if (verdict := sim["conformance"]) is not None:
+        text += ", terminal conforms" if verdict.get("conforming") else \
+            ", terminal does NOT conform"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds <= 0:
+        return "none"
+    days, rest = divmod(int(seconds), 86400)
+    return f"{days}d {rest // 3600}h" if days else f"{rest // 3600}h {rest % 3600 // 60}m"

@@ -197,6 +197,8 @@ class ModemConfig:
     nm_connection: str | None = field(
         default=None, metadata=spec(_text(r"[^\0\n]{1,200}", "a NetworkManager connection name"))
     )
+    # how often a modem session reads the modem (state, signal, counters), seconds
+    poll_interval: float = field(default=60.0, metadata=spec(_number(1, 86400)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +344,12 @@ class ConformanceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthConfig:
+    # how often the agent's own health reading goes up on agent/health, seconds
+    interval: float = field(default=300.0, metadata=spec(_number(10, 86400)))
+
+
+@dataclass(frozen=True, slots=True)
 class CommandsConfig:
     operator_key: Path | None = field(default=None, metadata=spec(_path))
 
@@ -357,6 +365,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig, metadata=spec(_table(IngestConfig)))
     outbox: OutboxConfig = field(default_factory=OutboxConfig, metadata=spec(_table(OutboxConfig)))
     usage: UsageConfig = field(default_factory=UsageConfig, metadata=spec(_table(UsageConfig)))
+    health: HealthConfig = field(default_factory=HealthConfig, metadata=spec(_table(HealthConfig)))
     commands: CommandsConfig = field(
         default_factory=CommandsConfig, metadata=spec(_table(CommandsConfig))
     )

@@ -1,11 +1,13 @@
 """The daemon: every part of the agent on one asyncio loop, wired once, stopped in order.
 
-Start: the store, outbox, events and usage meter; the uplink (MQTT, or the Unified Endpoint for
-readings with MQTT kept for commands and state); a modem session per port (named in config, or
-each AT port hotplug finds when ``[modem] port = "auto"``); then the ingest socket, and
-``READY=1`` to systemd. Stop (SIGTERM/SIGINT, see :mod:`agent.cmd_run`): ``STOPPING=1``, answer
-the ingest lines already queued, stop the sessions, publish the retained ``offline`` and
-disconnect, write the runtime row a last time, close the store.
+Start: the store, outbox, events, usage meter, trusted clock, SIM keeper and command processor;
+the uplink (MQTT, or the Unified Endpoint for readings with MQTT kept for commands and state); a
+modem session per port (named in config, or each AT port hotplug finds when ``[modem] port =
+"auto"``), the first of which carries the SIM keeper and the SMS command reader; then the
+ingest socket, and ``READY=1`` to systemd. Stop (SIGTERM/SIGINT, see :mod:`agent.cmd_run`):
+``STOPPING=1``, answer the ingest lines already queued, stop the keeper and the sessions,
+publish the retained ``offline`` and disconnect, write the runtime row a last time, close the
+store.
 
 Every long-running part runs under :func:`supervise`: an unexpected exception is logged and the
 part started again after a capped, jittered backoff; nothing but a stop ends the daemon.
@@ -22,30 +24,36 @@ import contextlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agent import orders
 from agent.cmd_status import HEARTBEAT
+from agent.commands import CommandProcessor, Result, mqtt_callback
+from agent.commands_sms import ModemSmsReply, Reply, SmsCommandReader
 from agent.config import Config
 from agent.events import Events
 from agent.health import HealthReporter
 from agent.http_uplink import HttpUplink
-from agent.ingest import Gate, IngestServer
+from agent.ingest import IngestServer
+from agent.keeper import SimKeeper
 from agent.outbox import Outbox, Reading
 from agent.ratelimit import Backoff
 from agent.sdnotify import Notifier
 from agent.session import ModemSession
 from agent.store import Store
+from agent.trusted_time import TrustedClock, load_anchor, save_anchor
 from agent.uplink import MqttUplink
 from agent.usage import Counters, UsageMeter
+from drivers.channel import AtChannel
+from drivers.errors import ModemError
 from drivers.hotplug import Hotplug, PortMatch
+from drivers.vendors import Profile
 
 log = logging.getLogger(__name__)
 
 _TICK = 1.0  # how often the in-memory view is compared with what was last written
-_COMMAND_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 async def supervise(name: str, work: Callable[[], Awaitable[None]], backoff: Backoff) -> None:
@@ -70,20 +78,16 @@ class Daemon:
         cfg: Config,
         *,
         notifier: Notifier | None = None,
-        poll_interval: float = 60.0,
-        health_interval: float = 300.0,
         heartbeat: float = HEARTBEAT,
         restart_min: float = 1.0,
         restart_max: float = 60.0,
     ) -> None:
         self.cfg = cfg
         self.notifier = notifier or Notifier()
-        self.poll_interval = poll_interval
-        self.health_interval = health_interval
+        self.poll_interval = cfg.modem.poll_interval
+        self.health_interval = cfg.health.interval
         self.heartbeat = heartbeat
         self._restart = (restart_min, restart_max)
-        # The lifecycle's telemetry suspension: None, or why new readings are refused.
-        self.telemetry_gate: Gate = lambda: None
         self.sessions: dict[str, ModemSession] = {}
         self.started_at = time.time()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -95,7 +99,11 @@ class Daemon:
 
     store: Store
     outbox: Outbox
+    events: Events
     usage: UsageMeter
+    clock: TrustedClock
+    keeper: SimKeeper
+    commands: CommandProcessor
     mqtt: MqttUplink
     readings_uplink: MqttUplink | HttpUplink
     health: HealthReporter
@@ -125,14 +133,26 @@ class Daemon:
             self.store, max_bytes=cfg.outbox.max_bytes, max_age=cfg.outbox.max_age,
             on_drop=_log_drop,
         )
-        self.usage = UsageMeter(self.store, self.outbox, Events(self.outbox), cfg.usage)
+        store = self.store
+        self.events = Events(self.outbox)
+        self.usage = UsageMeter(store, self.outbox, self.events, cfg.usage)
         self.health = HealthReporter(
             self.outbox, lambda: list(self.sessions.values()), interval=self.health_interval
         )
-        # Closed in reverse: ingest first (answers owed), then tasks, sessions, uplink.
+        self.clock = TrustedClock(anchor=load_anchor(store),
+                                  persist=lambda anchor: save_anchor(store, anchor))
+        self.keeper = SimKeeper.from_config(cfg, store, self.events.emit, clock=self.clock,
+                                            on_change=self._keeper_changed)
+        self.commands = CommandProcessor(store, cfg.device_id, self._operator_keys(),
+                                         self.clock, orders.handlers(self))
+        self._sms: SmsCommandReader | None = None
+        # Closed in reverse: ingest first (answers owed), then the keeper, tasks, sessions,
+        # uplink.
         await self._start_uplinks()
         stack.push_async_callback(self._stop_uplinks)
         stack.push_async_callback(self._stop_tasks)
+        stack.push_async_callback(self.keeper.stop)
+        self._spawn("sim-keeper", self.keeper.run)
         self._start_sessions(stack)
         self._spawn("health", self.health.run)
         self._spawn("runtime", self._keep_runtime)
@@ -143,13 +163,29 @@ class Daemon:
             self.outbox, cfg.ingest.socket, group=cfg.ingest.group,
             max_line=cfg.ingest.max_reading_bytes, max_clients=cfg.ingest.max_clients,
             client_timeout=cfg.ingest.client_timeout,
-            gates=(self.usage.accepting, self._telemetry_refusal),
+            gates=(self.usage.accepting, self.keeper.accepting),
         )
         await ingest.start()
         stack.push_async_callback(ingest.close)
 
-    def _telemetry_refusal(self) -> str | None:
-        return self.telemetry_gate()  # looked up per line: the lifecycle replaces the gate
+    def _operator_keys(self) -> list[bytes]:
+        """The pinned operator key, if any. An unreadable one is logged and leaves none: every
+        command is then refused ("unknown key"), the rest of the agent runs."""
+        path = self.cfg.commands.operator_key
+        if path is None:
+            return []
+        try:
+            return [path.read_bytes()]
+        except OSError as exc:
+            log.error("commands.operator_key %s unreadable (%s): refusing every command",
+                      path, exc.strerror or exc)
+            return []
+
+    def _keeper_changed(self) -> None:
+        uplink = getattr(self, "readings_uplink", None)
+        if uplink is not None:
+            uplink.set_telemetry_allowed(self.keeper.telemetry_allowed())
+        self._changed.set()
 
     def _spawn(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
         backoff = Backoff(*self._restart)
@@ -174,7 +210,8 @@ class Daemon:
         if cfg.uplink.kind == "unified-endpoint":
             http = HttpUplink(cfg.uplink, cfg.device_id, self.outbox, allow=allow)
         self.mqtt = MqttUplink(
-            cfg.uplink, cfg.device_id, self.outbox, on_command=self._on_command, allow=allow,
+            cfg.uplink, cfg.device_id, self.outbox,
+            on_command=mqtt_callback(self.commands, self._publish_result), allow=allow,
             carry_readings=http is None,
         )
         self.readings_uplink = http or self.mqtt
@@ -187,21 +224,8 @@ class Daemon:
             await self.readings_uplink.stop()
         await self.mqtt.stop()  # the retained "offline"
 
-    def _on_command(self, payload: bytes) -> None:
-        """Until the commands module exists: refuse every command, saying why."""
-        try:
-            envelope = json.loads(payload)
-        except ValueError:
-            envelope = None
-        cid = envelope.get("id") if isinstance(envelope, dict) else None
-        why = "commands are not configured on this agent"
-        if self.cfg.commands.operator_key is None:
-            why += " (no [commands] operator_key)"
-        self.mqtt.publish_result({
-            "id": cid if isinstance(cid, str) and _COMMAND_ID.fullmatch(cid) else None,
-            "status": "rejected",
-            "detail": why,
-        })
+    def _publish_result(self, result: Result) -> None:
+        self.mqtt.publish_result(result)
 
     def uplink_state(self) -> dict[str, Any]:
         stats = self.readings_uplink.stats
@@ -234,11 +258,13 @@ class Daemon:
         self.add_session(match.path)
 
     def add_session(self, path: str) -> ModemSession:
-        metering = any(s.observe is not None for s in self.sessions.values())
+        # The first modem meters usage and carries the SIM keeper: one SIM slot per gateway.
+        first = not any(s.observe is not None for s in self.sessions.values())
         session = ModemSession(
             path, baud=self.cfg.modem.baud, poll_interval=self.poll_interval,
-            interface=self.cfg.modem.interface, observe=None if metering else self._observe,
+            interface=self.cfg.modem.interface, observe=self._observe if first else None,
             on_change=self._changed.set, on_ready=self.health.kick,
+            hooks=self if first else None,
         )
         self.sessions[path] = session
         self._spawn(f"modem {path}", session.run)
@@ -250,6 +276,48 @@ class Daemon:
             if (task := self._tasks.pop(f"modem {path}", None)) is not None:
                 task.cancel()
             self._changed.set()
+
+    # -- what rides on the first modem (agent.session.SessionHooks) ------------------------------
+
+    def attached(self, channel: AtChannel, profile: Profile) -> None:
+        self.keeper.attach(channel, profile)
+        self._sms = SmsCommandReader(channel, self.commands, self._sms_reply(channel))
+        self._spawn("sms-commands", self._sms.start)
+
+    def detached(self) -> None:
+        self.keeper.detach()
+        if (task := self._tasks.pop("sms-commands", None)) is not None:
+            task.cancel()
+        self._sms = None
+
+    def timed_out(self) -> None:
+        self.keeper.note_timeout()
+
+    def _sms_reply(self, channel: AtChannel) -> Reply:
+        """Answer by MQTT while the session is up; by SMS when the data path is down."""
+        by_sms = ModemSmsReply(channel)
+
+        async def reply(sender: str, result: Result) -> None:
+            if self.mqtt.ready:
+                self.mqtt.publish_result(result)
+            else:
+                await by_sms(sender, result)
+
+        return reply
+
+    # -- orders (agent.orders) --------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return self._state(self.snapshot())
+
+    async def reset_modem(self) -> str:
+        session = next((s for s in self.sessions.values() if s.hooks is not None), None)
+        if session is None:
+            raise ModemError("no modem")
+        return await session.reset()
+
+    async def in_store(self, fn: Callable[[], Any]) -> Any:
+        return await self.store.run(fn)
 
     async def _observe(self, iccid: str, source: str, counters: Counters, epoch: str) -> None:
         usage = self.usage
@@ -272,6 +340,7 @@ class Daemon:
         return {
             "modems": [s.summary() for s in self.sessions.values()],
             "uplink": self.uplink_state(),
+            "sims": self.keeper.summaries(),
         }
 
     async def _keep_runtime(self) -> None:
@@ -291,14 +360,18 @@ class Daemon:
                 await asyncio.wait_for(self._changed.wait(), _TICK)
 
     def _state(self, snap: dict[str, Any]) -> dict[str, Any]:
-        """The retained ``state``; lifecycle, suspension and conformance come with issue 3."""
+        """The retained ``state``: the SIM in the slot (lifecycle, suspension, conformance),
+        every SIM the keeper knows, and the modems."""
+        sim = next((s for s in snap["sims"] if s["current"]), None)
         return {
             "device_id": self.cfg.device_id,
             "ts": time.time(),
             "started_at": self.started_at,
-            "lifecycle": None,
-            "suspension": None,
-            "conformance": None,
+            "lifecycle": sim["state"] if sim else None,
+            "suspension": sim["suspension"] if sim else None,
+            "conformance": sim["conformance"] if sim else None,
+            "sim": sim,
+            "sims": snap["sims"],
             "modems": snap["modems"],
         }
 
@@ -312,12 +385,12 @@ class Daemon:
         with self.store.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO runtime"
-                " (id, pid, started_at, heartbeat, stopped_at, modems, uplink, usage)"
-                " VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+                " (id, pid, started_at, heartbeat, stopped_at, modems, uplink, usage, sims)"
+                " VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     os.getpid(), self.started_at, now, self._stopped_at,
                     json.dumps(snap["modems"]), json.dumps(snap["uplink"]),
-                    json.dumps(self._usage()),
+                    json.dumps(self._usage()), json.dumps(snap["sims"]),
                 ),
             )
 
@@ -334,7 +407,9 @@ def _what_shows(snap: dict[str, Any]) -> Any:
                     sort_keys=True))
         for m in snap["modems"]
     ]
-    return modems, snap["uplink"]["state"]
+    sims = [{k: v for k, v in sim.items() if k not in ("time_left", "trusted_time")}
+            for sim in snap["sims"]]
+    return modems, snap["uplink"]["state"], json.dumps(sims, sort_keys=True)
 
 
 def _log_drop(count: int, size: int, reason: str) -> None:

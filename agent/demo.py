@@ -176,13 +176,14 @@ async def demo(scenario: Path, interval: float, duration: float, out: TextIO) ->
         link = directory / "modem"
         async with SimulatedModem(scenario=load_scenario(scenario), link=link):
             cfg = config.parse(
-                f'device_id = "{DEVICE}"\n[modem]\nport = "{link}"\n'
+                f'device_id = "{DEVICE}"\n[modem]\nport = "{link}"\ndata_path = "agent"\n'
+                f"poll_interval = {interval}\n[health]\ninterval = 30.0\n"
                 f"[uplink]\nport = {port}\nbatch_max_latency = 1.0\n"
                 "rate_messages_per_minute = 600\n"  # a lively view; the default is 60
                 f'[store]\npath = "{directory / "state/simkeeper.db"}"\n'
                 f'[ingest]\nsocket = "{directory / "ingest.sock"}"\n'
             )
-            daemon = Daemon(cfg, poll_interval=interval, health_interval=30.0)
+            daemon = Daemon(cfg)
             stop = asyncio.Event()
             agent = asyncio.create_task(daemon.run(stop))
             serving = asyncio.create_task(daemon.serving.wait())

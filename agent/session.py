@@ -23,7 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from agent.ratelimit import Backoff
 from agent.store import StoreError
@@ -32,11 +32,22 @@ from drivers.at import Urc
 from drivers.channel import AtChannel
 from drivers.errors import CommandTimeout, ModemError, NotConnected, PortError
 from drivers.modem import Modem
+from drivers.vendors import Profile
 
 log = logging.getLogger(__name__)
 
 # (iccid, source, cumulative counters, epoch) -> committed
 Observe = Callable[[str, str, Counters, str], Awaitable[None]]
+
+
+class SessionHooks(Protocol):
+    """What else rides on a session's modem (the SIM keeper, the SMS command reader): told
+    when the modem is up (after its first initialisation on an opened port), when the port is
+    gone, and of every command timeout."""
+
+    def attached(self, channel: AtChannel, profile: Profile) -> None: ...
+    def detached(self) -> None: ...
+    def timed_out(self) -> None: ...
 MALFUNCTION_MEMORY = 256  # timestamps kept per kind; the conformance window reads the newest
 
 
@@ -87,6 +98,7 @@ class ModemSession:
         observe: Observe | None = None,
         on_change: Callable[[], None] = lambda: None,
         on_ready: Callable[[], None] = lambda: None,
+        hooks: SessionHooks | None = None,
         reopen_min: float = 1.0,
         reopen_max: float = 60.0,
         command_timeout: float = 5.0,
@@ -99,6 +111,7 @@ class ModemSession:
         self.observe = observe
         self._on_change = on_change
         self._on_ready = on_ready
+        self.hooks = hooks
         self._backoff = Backoff(reopen_min, reopen_max)
         self._command_timeout = command_timeout
         self._clock = clock
@@ -111,6 +124,7 @@ class ModemSession:
         self._channel: AtChannel | None = None
         self._wake = asyncio.Event()
         self._stale = True
+        self._hooked = False
 
     # -- what the daemon shows -------------------------------------------------------------------
 
@@ -176,11 +190,22 @@ class ModemSession:
         channel.add_reset_listener(self._on_reset)
         channel.add_close_listener(self._on_close)
         modem = Modem(_Watched(channel, self._on_timeout))
+        try:
+            await self._serve_modem(channel, modem)
+        finally:
+            if self.hooks is not None and self._hooked:
+                self._hooked = False
+                self.hooks.detached()
+
+    async def _serve_modem(self, channel: AtChannel, modem: Modem) -> None:
         while channel.is_open:
             try:
                 if self._stale:
                     self._stale = False
                     await modem.init()
+                    if self.hooks is not None and not self._hooked:
+                        self._hooked = True
+                        self.hooks.attached(channel, modem.profile)
                 await self._poll(modem)
             except (PortError, NotConnected) as exc:
                 self.detail = str(exc)
@@ -245,6 +270,17 @@ class ModemSession:
 
     def _on_timeout(self) -> None:
         self.malfunctions.timeouts.append(self._clock())
+        if self.hooks is not None:
+            self.hooks.timed_out()
+
+    async def reset(self) -> str:
+        """The ``reset-modem`` order: ``AT+CFUN=1,1``; the session re-initialises on the
+        banner (or the echo) that follows."""
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            raise NotConnected(f"modem {self.port}: not connected ({self.state})")
+        await channel.command("AT+CFUN=1,1", timeout=15.0)
+        return f"modem {self.port} reset"
 
 
 def _honour_cancellation() -> None:

@@ -114,7 +114,12 @@ CREATE TABLE operator_key (
 );
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+# The SIM keeper's summaries in the runtime row, for `simkeeper status`.
+_V4 = """
+ALTER TABLE runtime ADD COLUMN sims TEXT NOT NULL DEFAULT '[]';
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
 
 
 class StoreError(Exception):

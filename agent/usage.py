@@ -70,6 +70,10 @@ def read_kernel(interface: str, root: Path = Path("/")) -> tuple[Counters, str] 
     return Counters(*values), f"{boot}/{ifindex}"
 
 
+def _cycle_key(iccid: str) -> str:
+    return f"usage.cycle_day.{iccid}"
+
+
 def billing_period(now: float, cycle_day: int, tz: ZoneInfo) -> tuple[datetime, datetime]:
     """[start, end) of the billing period holding ``now``: midnight of ``cycle_day`` (1-28)."""
     local = datetime.fromtimestamp(now, tz)
@@ -171,18 +175,30 @@ class UsageMeter:
             )
 
     def period(self, iccid: str, now: float) -> tuple[datetime, datetime]:
+        """The billing period: the cycle day set by order (``set_plan``), else the SIM's plan
+        in config, else ``[usage] cycle_day``."""
+        ordered = self._store.query("SELECT value FROM meta WHERE key = ?", (_cycle_key(iccid),))
         plan = self._plans.get(iccid)
-        cycle_day = plan.cycle_day if plan and plan.cycle_day else self._cfg.cycle_day
+        if ordered:
+            cycle_day = int(ordered[0][0])
+        else:
+            cycle_day = plan.cycle_day if plan and plan.cycle_day else self._cfg.cycle_day
         return billing_period(now, cycle_day, self._tz)
 
-    def set_plan(self, iccid: str, plan_bytes: int | None) -> None:
-        """Override a SIM's plan (None: back to config), persisted; re-checks its caps."""
+    def set_plan(self, iccid: str, plan_bytes: int | None, cycle_day: int | None = None) -> None:
+        """Override a SIM's plan (None: back to config) and, when given, its billing cycle day
+        (1-28); persisted; re-checks its caps."""
         iccid = canonical_iccid(iccid)
+        if cycle_day is not None and not 1 <= cycle_day <= 28:
+            raise ValueError(f"cycle_day must be 1-28, not {cycle_day}")
         with self._store.transaction() as db:
             if plan_bytes is None:
                 db.execute("DELETE FROM usage_plan WHERE iccid = ?", (iccid,))
             else:
                 db.execute("INSERT OR REPLACE INTO usage_plan VALUES (?, ?)", (iccid, plan_bytes))
+            if cycle_day is not None:
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                           (_cycle_key(iccid), str(cycle_day)))
             if iccid == self.sim:
                 self._evaluate(_query(db), iccid, self._clock())
 

@@ -1,6 +1,6 @@
 """`simkeeper run` as a real process, with the simulated modem on a pty and a real mosquitto:
 start-up, readiness and watchdog over NOTIFY_SOCKET, clean SIGTERM, config refused with exit 2,
-and commands refused while the commands module is not there.
+and signed commands taking effect (or refused, saying why) end to end.
 
 ``Agent`` (also used by test_status and test_e2e_agent) writes a config, runs the daemon and
 talks to it through the CLI and the ingest socket. The tests are async so that the simulator,
@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.fleet.sign import make_envelope
 from drivers.simulator import SimulatedModem
 from tests.broker import WAIT, Broker, Subscriber, until
 
@@ -202,23 +205,101 @@ async def test_readiness_watchdog_and_stopping_over_notify_socket(
             await receive(b"STOPPING=1")
 
 
-async def test_commands_are_refused_saying_why(tmp_path: Path, broker: Broker) -> None:
+async def send_command(port: int, envelope: dict[str, Any]) -> dict[str, Any]:
+    """Publish a command envelope on ``cmd`` and wait for its ``cmd/result``."""
+    results = Subscriber(port, f"simkeeper/{DEVICE}/cmd/result")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    try:
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        sent = client.publish(f"simkeeper/{DEVICE}/cmd", json.dumps(envelope), qos=1)
+        sent.wait_for_publish()
+
+        def answered() -> list[dict[str, Any]]:
+            found = (json.loads(m.payload) for m in results.on("cmd/result"))
+            return [r for r in found if r["id"] == envelope["id"]]
+
+        await until(lambda: bool(answered()), f"the result of {envelope['name']}")
+        return answered()[0]
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        results.close()
+
+
+async def retained_state(port: int) -> dict[str, Any]:
+    sub = Subscriber(port, f"simkeeper/{DEVICE}/state")
+    try:
+        await until(lambda: bool(sub.on("state")), "the retained state")
+        state: dict[str, Any] = json.loads(sub.on("state")[-1].payload)
+        return state
+    finally:
+        sub.close()
+
+
+async def test_commands_without_an_operator_key_are_refused(tmp_path: Path,
+                                                            broker: Broker) -> None:
+    key = Ed25519PrivateKey.generate()
     async with running(tmp_path, broker) as (_agent, _sim):
-        results = Subscriber(broker.port, f"simkeeper/{DEVICE}/cmd/result")
-        try:
-            await online(broker.port)
-            client = mqtt.Client(CallbackAPIVersion.VERSION2)
-            client.connect("127.0.0.1", broker.port)
-            client.loop_start()
-            envelope = {"id": "c-1", "device_id": DEVICE, "name": "suspend", "args": {}}
-            sent = client.publish(f"simkeeper/{DEVICE}/cmd", json.dumps(envelope), qos=1)
-            sent.wait_for_publish()
-            await until(lambda: bool(results.on("cmd/result")), "a command result")
-            client.loop_stop()
-            client.disconnect()
-        finally:
-            results.close()
-    result = json.loads(results.on("cmd/result")[0].payload)
-    assert result["id"] == "c-1"
+        await online(broker.port)
+        unsigned = {"id": "c-0", "device_id": DEVICE, "name": "suspend", "args": {}}
+        assert (await send_command(broker.port, unsigned))["detail"].startswith("unsigned")
+        signed = make_envelope(key, DEVICE, "suspend", {"scope": "radio"}, cid="c-1")
+        result = await send_command(broker.port, signed)
     assert result["status"] == "rejected"
-    assert "not configured" in result["detail"]
+    assert result["detail"].startswith("unknown key")
+
+
+async def test_signed_orders_take_effect_end_to_end(tmp_path: Path, broker: Broker) -> None:
+    key = Ed25519PrivateKey.generate()
+    pub = tmp_path / "operator.pub"
+    pub.write_bytes(key.public_key().public_bytes(Encoding.PEM,
+                                                  PublicFormat.SubjectPublicKeyInfo))
+    extra = f'[commands]\noperator_key = "{pub}"\n'
+    async with running(tmp_path, broker, extra=extra) as (agent, sim):
+        await online(broker.port)
+        suspend = make_envelope(key, DEVICE, "suspend",
+                                {"scope": "telemetry", "reason": "unpaid"}, cid="s-1")
+        first = await send_command(broker.port, suspend)
+        assert first["status"] == "ok", first
+        # Readings are refused with the reason; the retained state shows the suspension.
+        reader, writer = await asyncio.open_unix_connection(str(agent.socket))
+        writer.write(b'{"topic": "t", "data": 1}\n')
+        answer = json.loads(await reader.readline())
+        writer.close()
+        assert not answer["ok"] and "suspended" in answer["error"]
+        await until_async(lambda: _suspended(broker.port), "the suspension in state")
+        # A repeat is answered from the journal, a forged one refused.
+        assert await send_command(broker.port, suspend) == first
+        forged = dict(make_envelope(key, DEVICE, "resume", cid="r-9"), device_id="gw-other")
+        assert (await send_command(broker.port, forged))["detail"].startswith("bad signature")
+        state = await send_command(broker.port, make_envelope(key, DEVICE, "get-state"))
+        assert state["detail"]["suspension"]["scope"] == "telemetry"
+        resumed = await send_command(broker.port, make_envelope(key, DEVICE, "resume"))
+        assert resumed["status"] == "ok", resumed
+        assert await agent.publish([{"topic": "t", "data": 2}])
+        iccid = sim.state.sim.iccid
+        plan = make_envelope(key, DEVICE, "set-plan",
+                             {"iccid": iccid, "bytes": 10_000_000, "cycle_day": 5})
+        assert (await send_command(broker.port, plan))["status"] == "ok"
+        usage = await send_command(broker.port, make_envelope(key, DEVICE, "report-usage"))
+        assert usage["status"] == "ok" and "queued" in usage["detail"]
+        reset = await send_command(broker.port, make_envelope(key, DEVICE, "reset-modem"))
+        assert reset["status"] == "ok", reset
+        await until(lambda: "AT+CFUN=1,1" in sim.commands, "the modem reset")
+        gone = await send_command(broker.port, make_envelope(key, DEVICE, "bogus"))
+        assert gone["detail"].startswith("unknown command")
+
+
+async def _suspended(port: int) -> bool:
+    state = await retained_state(port)
+    return bool(state["suspension"]) and state["suspension"]["scope"] == "telemetry"
+
+
+async def until_async(check: Any, what: str, timeout: float = WAIT) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"not reached within {timeout} s: {what}")
+        await asyncio.sleep(0.2)

@@ -39,7 +39,9 @@ async def test_status_while_running_and_after_stop(tmp_path: Path, broker: Broke
         modem = status["modems"][0]
         assert modem["modem"]["imei"] == sim.personality.imei
         assert status["sims"][0]["iccid"] == sim.state.sim.iccid
-        assert status["sims"][0]["lifecycle"] is None
+        lifecycle = status["sims"][0]["lifecycle"]
+        assert lifecycle["current"] is True
+        assert lifecycle["state"] in ("awaiting-activation", "activating", "active")
         assert set(status["outbox"]) == {"count", "bytes", "streams", "drops"}
         text = await agent.cli("status")
         assert text.returncode == 0

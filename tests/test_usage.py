@@ -354,3 +354,18 @@ def test_default_thresholds_and_no_plan_means_no_cap(rig: Rig) -> None:
     rig.meter.observe(ICCID, "modem", Counters(10**12, 10**12))
     assert rig.meter.accepting() is None and rig.meter.allowed("x", -100)
     assert rig.events_of("usage-threshold") == []
+
+
+def test_set_plan_order_moves_the_cycle_day_and_survives_restart(rig: Rig) -> None:
+    rig.meter.observe(ICCID, "modem", Counters(10, 0))
+    assert rig.meter.report(ICCID)["period"]["start"] == "2026-05-01T00:00:00+00:00"
+    rig.meter.set_plan(ICCID, 1000, cycle_day=15)
+    rig.restart()
+    report = rig.meter.report(ICCID)
+    assert report["period"] == {"start": "2026-04-15T00:00:00+00:00",
+                                "end": "2026-05-15T00:00:00+00:00"}
+    assert report["plan_bytes"] == 1000
+    rig.meter.set_plan(ICCID, None)  # the plan back to config; the ordered cycle day stays
+    assert rig.meter.report(ICCID)["period"]["start"] == "2026-04-15T00:00:00+00:00"
+    with pytest.raises(ValueError, match="cycle_day"):
+        rig.meter.set_plan(ICCID, 5, cycle_day=31)
