@@ -5,6 +5,7 @@ production-line batches and their birth log.
     operator-key  the operator's Ed25519 command key pair
     station-key   a production station's Ed25519 key pair (signs birth records)
     device        key + certificate + bundle, installed atomically into /etc/simkeeper
+                  (root:simkeeper, key 0640, when that group exists: the agent runs as it)
     csr           a device key made where it stays, and its CSR
     sign-csr      the factory CA's certificate for a CSR
     install-cert  the certificate answering `csr`, installed as a bundle
@@ -31,7 +32,8 @@ from provisioning.ca import CA_DAYS, DEVICE_DAYS, ed25519_pair, init_ca, load_ca
 from provisioning.device import install_cert, provision, request, sign_request
 from provisioning.files import PUBLIC, File, ProvisionError, write_atomic
 from provisioning.install import etc_dir
-from provisioning.verify import resolve, verify_bundle
+from provisioning.owner import SERVICE_GROUP, Group, service_group
+from provisioning.verify import resolve, target_root, verify_bundle
 
 DEFAULT_PORT = {"default": 8883, "beam": 1883}  # MQTT over TLS; Beam's plain entry point
 Handler = Callable[[argparse.Namespace], int]
@@ -82,6 +84,16 @@ def _target_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing identity")
 
 
+def _group_options(p: argparse.ArgumentParser, verb: str) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--group", metavar="NAME|GID",
+                   help=f"the service's group, which {verb} (default: {SERVICE_GROUP!r} when it"
+                        " exists in the target's etc/group: ROOT/etc/group of a staging tree"
+                        " that has one, else this machine's)")
+    g.add_argument("--no-group", action="store_true",
+                   help="no service group: root-only files, the private key 0600")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("init-ca", help="a factory CA: DIR/ca.pem and DIR/ca.key (0600)")
@@ -99,6 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _bundle_options(p)
     _sim_options(p)
     _target_options(p)
+    _group_options(p, "reads the bundle: root:GROUP, directory 0750, key 0640")
     p = sub.add_parser("csr", help="a device key kept under /etc/simkeeper/request, its CSR")
     p.add_argument("--device-id", required=True, metavar="ID")
     p.add_argument("--out", type=Path, metavar="FILE", help="also copy the CSR here")
@@ -114,6 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _bundle_options(p)
     _sim_options(p)
     _target_options(p)
+    _group_options(p, "reads the bundle: root:GROUP, directory 0750, key 0640")
     p.add_argument("cert", type=Path, metavar="CERT")
     p = sub.add_parser("batch", help="a production-line run from a CSV (device_id,imei,iccid)")
     p.add_argument("--csv", type=Path, required=True, metavar="FILE")
@@ -126,10 +140,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="factory log, JSON lines (default: DIR/factory-log.jsonl)")
     p.add_argument("--days", type=_days, default=DEVICE_DAYS)
     _bundle_options(p)
+    _group_options(p, "reads each bundle: root:GROUP, directory 0750, key 0640")
     p = sub.add_parser("verify", help="check a bundle; each problem on one line")
     p.add_argument("--ca", type=Path, metavar="FILE", help="the CA to trust (default: ca.pem)")
     p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR",
                    help="a bundle, an /etc/simkeeper, or a staging root")
+    _group_options(p, "must read the bundle and alone may read the key (0640)")
     p = sub.add_parser("verify-log", help="check a factory log's signatures and chain")
     p.add_argument("--station-pub", type=Path, required=True, metavar="PUB")
     p.add_argument("--head", metavar="HASH", help="the last line's hash, as recorded earlier")
@@ -170,6 +186,15 @@ def _device_id(text: str) -> str:
         raise UsageError(f"--device-id: {exc}") from None
 
 
+def _group(args: argparse.Namespace, root: Path | None) -> Group | None:
+    return service_group(args.group, root, enabled=not args.no_group)
+
+
+def _gid(args: argparse.Namespace, root: Path | None) -> int | None:
+    group = _group(args, root)
+    return None if group is None else group.gid
+
+
 def _done(where: Path) -> int:
     gen = resolve(where)
     cert = keys.load_cert(gen / "device.pem")
@@ -196,7 +221,7 @@ def _device(args: argparse.Namespace) -> int:
     device_id, (imei, iccid) = _device_id(args.device_id), _sims(args)
     ca, settings = load_ca(args.ca), _settings(args)
     provision(device_id, ca, settings, root=args.root, force=args.force, imei=imei,
-              iccid=iccid, days=args.days)
+              iccid=iccid, days=args.days, gid=_gid(args, args.root))
     return _done(etc_dir(args.root))
 
 
@@ -218,14 +243,16 @@ def _sign_csr(args: argparse.Namespace) -> int:
 def _install_cert(args: argparse.Namespace) -> int:
     imei, iccid = _sims(args)
     install_cert(args.cert, args.ca_cert, _settings(args), root=args.root, force=args.force,
-                 imei=imei, iccid=iccid)
+                 imei=imei, iccid=iccid, gid=_gid(args, args.root))
     return _done(etc_dir(args.root))
 
 
 def _batch(args: argparse.Namespace) -> int:
     log = args.log or args.out / "factory-log.jsonl"
     station = keys.load_ed25519_private(args.station_key, "station key")
-    run = Batch(load_ca(args.ca), _settings(args), station, args.out, log, args.days)
+    # The trees have no etc/group of their own: the group is looked up on this machine.
+    run = Batch(load_ca(args.ca), _settings(args), station, args.out, log, args.days,
+                _gid(args, None))
     out = run.run(args.csv)
     for line in (*out.warnings, *out.problems):
         print(f"{args.csv}:{line}", file=sys.stderr)
@@ -236,8 +263,9 @@ def _batch(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     trusted = None if args.ca is None else keys.load_cert(args.ca, "CA certificate")
-    problems = verify_bundle(args.bundle, trusted_ca=trusted)
     bundle = resolve(args.bundle)
+    problems = verify_bundle(bundle, trusted_ca=trusted,
+                             group=_group(args, target_root(bundle)))
     for problem in problems:
         print(f"{bundle}: {problem}")
     if not problems:

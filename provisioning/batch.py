@@ -143,6 +143,7 @@ class Batch:
     out_dir: Path
     log: Path
     days: int = DEVICE_DAYS
+    gid: int | None = None  # each tree's bundle group (provisioning.owner); None: root only
 
     def run(self, csv_path: Path) -> Outcome:
         out = Outcome()
@@ -193,7 +194,7 @@ class Batch:
             out.recovered.append(row.device_id)
         else:
             provision(row.device_id, self.ca, self.settings, root=tree, imei=row.imei,
-                      iccid=row.iccid, days=self.days)
+                      iccid=row.iccid, days=self.days, gid=self.gid)
             meta = _meta(tree) or {}
             out.made.append(row.device_id)
         return str(meta.get("cert_sha256"))

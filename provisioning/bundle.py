@@ -3,7 +3,8 @@
 One directory, written whole by :mod:`provisioning.install`::
 
     config.toml          agent config (agent.config schema), paths pointing into this directory
-    device.key           EC P-256 private key, mode 0600
+    device.key           EC P-256 private key, mode 0600, or 0640 root:simkeeper when installed
+                         for the service's group (provisioning.owner)
     device.pem           certificate: CN = device id, SAN urn:simkeeper:device:<id>, clientAuth
     ca.pem               the CA that issued device.pem (and, by default, the broker's)
     broker-ca.pem        the broker's CA, when given apart (--broker-ca)

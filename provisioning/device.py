@@ -26,19 +26,22 @@ REQUEST = "request"  # under /etc/simkeeper: the key waiting for its certificate
 REQUEST_KEY, REQUEST_CSR = "device.key", "device.csr"
 
 
-def _install(identity: Identity, settings: Settings, root: Path | None, force: bool) -> Path:
-    return install(etc_dir(root), lambda where: build(identity, settings, where), force=force)
+def _install(identity: Identity, settings: Settings, root: Path | None, force: bool,
+             gid: int | None) -> Path:
+    return install(etc_dir(root), lambda where: build(identity, settings, where), force=force,
+                   gid=gid)
 
 
 def provision(device_id: str, ca: CA, settings: Settings, *, root: Path | None = None,
               force: bool = False, imei: str | None = None, iccid: str | None = None,
-              days: int = DEVICE_DAYS) -> Path:
-    """Make a key and certificate for ``device_id`` and install the bundle; its directory."""
+              days: int = DEVICE_DAYS, gid: int | None = None) -> Path:
+    """Make a key and certificate for ``device_id`` and install the bundle; its directory.
+    ``gid``: the group the bundle is given to, read-only (:mod:`provisioning.owner`)."""
     check_device_id(device_id)
     key = keys.new_ec_key()
     cert = issue(ca, key.public_key(), device_id, days=days)
     identity = Identity(device_id, keys.private_pem(key), cert, ca.pem, imei, iccid)
-    return _install(identity, settings, root, force)
+    return _install(identity, settings, root, force, gid)
 
 
 def request(device_id: str, *, root: Path | None = None, force: bool = False) -> Path:
@@ -83,8 +86,9 @@ def check_cert(cert: x509.Certificate, key_pem_path: Path, device_id: str,
 
 def install_cert(cert_path: Path, ca_path: Path, settings: Settings, *,
                  root: Path | None = None, force: bool = False, imei: str | None = None,
-                 iccid: str | None = None) -> Path:
-    """Install the certificate answering the waiting request, as a full bundle."""
+                 iccid: str | None = None, gid: int | None = None) -> Path:
+    """Install the certificate answering the waiting request, as a full bundle (given to
+    group ``gid``, like :func:`provision`)."""
     where = etc_dir(root) / REQUEST
     if not (where / REQUEST_KEY).is_file():
         raise ProvisionError(f"no request is waiting in {where} (run `provision csr` first)")
@@ -95,6 +99,6 @@ def install_cert(cert_path: Path, ca_path: Path, settings: Settings, *,
     check_cert(cert, where / REQUEST_KEY, device_id, ca)
     identity = Identity(device_id, (where / REQUEST_KEY).read_bytes(), cert, keys.cert_pem(ca),
                         imei, iccid)
-    installed = _install(identity, settings, root, force)
+    installed = _install(identity, settings, root, force, gid)
     shutil.rmtree(where, ignore_errors=True)
     return installed

@@ -16,6 +16,7 @@ from pathlib import Path
 
 SECRET = 0o600
 PUBLIC = 0o644
+SHARED_SECRET = 0o640  # a secret of the service's group: root writes, the group reads
 
 
 class ProvisionError(Exception):
@@ -26,6 +27,15 @@ class ProvisionError(Exception):
 class File:
     data: bytes
     mode: int = PUBLIC
+    gid: int | None = None  # the file's group; None: the writer's
+
+    def for_group(self, gid: int | None) -> File:
+        """This file given to group ``gid`` (None: unchanged), read-only: the group may read
+        what the owner may read (a secret becomes 0640), and never write."""
+        if gid is None:
+            return self
+        mode = (self.mode & ~0o070) | (0o040 if self.mode & 0o400 else 0)
+        return File(self.data, mode, gid)
 
 
 def why(exc: OSError) -> str:
@@ -48,10 +58,13 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_new(path: Path, file: File) -> None:
-    """Create ``path`` (it must not exist) with ``file``'s bytes and mode, and fsync it. The
-    mode is set before the first byte is written: a key is never readable by others."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file.mode)
+    """Create ``path`` (it must not exist) with ``file``'s bytes, mode and group, and fsync
+    it. It is created 0600 and given its group and mode before the first byte is written: a key
+    is never readable by anyone else, not even for a moment."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SECRET)
     try:
+        if file.gid is not None:
+            os.fchown(fd, -1, file.gid)
         os.fchmod(fd, file.mode)  # the umask may have narrowed it
         view = memoryview(file.data)
         while view:

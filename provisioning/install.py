@@ -11,6 +11,10 @@ A new identity is staged in ``.stage-<gen>/`` beside it (same filesystem), every
 directory fsynced, renamed to ``<gen>/``, and then the link is replaced by ``rename(2)``, which
 is atomic. A crash at any point leaves the link on the old generation (old identity whole) or
 on the new one (new identity whole); leftovers of an unfinished run are removed by the next.
+
+Installed for a group (the service's, :mod:`provisioning.owner`), the generation directory is
+``root:<group>`` 0750 and every file in it ``root:<group>``, the private key 0640; the group is
+set before the first byte is written. Without one: directory 0755, key 0600 (root only).
 """
 
 from __future__ import annotations
@@ -71,10 +75,21 @@ def _generation() -> str:
     return f"{GEN_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
 
 
-def _stage(stage: Path, files: Mapping[str, File]) -> None:
-    stage.mkdir(mode=0o755)
+DIR_MODE, GROUP_DIR_MODE = 0o755, 0o750
+
+
+def _stage(stage: Path, files: Mapping[str, File], gid: int | None) -> None:
+    stage.mkdir(mode=0o700)
+    if gid is not None:
+        try:
+            os.chown(stage, -1, gid)
+        except PermissionError:
+            raise ProvisionError(f"cannot give {stage} to group {gid}: not permitted (only root"
+                                 " may); run as root, or --no-group for root-only files"
+                                 ) from None
+    os.chmod(stage, DIR_MODE if gid is None else GROUP_DIR_MODE)
     for name, file in files.items():
-        write_new(stage / name, file)
+        write_new(stage / name, file.for_group(gid))
     fsync_dir(stage)
 
 
@@ -99,9 +114,10 @@ def _clean(etc: Path, keep: str | None) -> None:
 
 
 def install(etc: Path, build: Builder, *, force: bool = False,
-            device_etc: PurePosixPath = ETC) -> Path:
+            device_etc: PurePosixPath = ETC, gid: int | None = None) -> Path:
     """Install the files ``build`` makes as the new identity in ``etc``; the generation
-    directory. ``device_etc`` is where ``etc`` is on the device (config paths use it)."""
+    directory. ``device_etc`` is where ``etc`` is on the device (config paths use it); ``gid``
+    the group that gets read access (the service's), None for root-only files."""
     make_dir(etc)
     with locked(etc / LOCK):
         installed = existing_identity(etc)
@@ -112,14 +128,16 @@ def install(etc: Path, build: Builder, *, force: bool = False,
         stage, final = etc / f"{STAGE_PREFIX}{gen}", etc / gen
         files = build(device_etc / gen)
         try:
-            _stage(stage, files)
+            _stage(stage, files, gid)
             os.rename(stage, final)
             fsync_dir(etc)
             _switch(etc, gen)
-        except OSError as exc:
+        except (OSError, ProvisionError) as exc:
             shutil.rmtree(stage, ignore_errors=True)
             if current(etc) != final:
                 shutil.rmtree(final, ignore_errors=True)
+            if isinstance(exc, ProvisionError):
+                raise
             raise ProvisionError(f"cannot install into {etc}: {why(exc)}") from None
         keep = current(etc)
         _clean(etc, keep.name if keep else None)

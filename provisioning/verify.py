@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from provisioning.bundle import (
 from provisioning.ca import check_is_ca, device_uri
 from provisioning.files import ProvisionError
 from provisioning.install import current
+from provisioning.owner import Group
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -44,10 +46,28 @@ def resolve(path: Path) -> Path:
     return path
 
 
+def target_root(bundle: Path) -> Path | None:
+    """The root of the tree ``bundle`` sits in, when it sits in ``<root>/etc/simkeeper``
+    (its generation directory or that directory itself); None for this machine's ``/``."""
+    bundle = Path(os.path.abspath(bundle))
+    for etc in (bundle.parent, bundle):
+        if etc.name == ETC.name and etc.parent.name == ETC.parent.name:
+            root = etc.parent.parent
+            return None if root == Path("/") else root
+    return None
+
+
+def _can_read(info: os.stat_result, gid: int) -> bool:
+    mode = stat.S_IMODE(info.st_mode)
+    return bool(mode & 0o004 or (mode & 0o040 and info.st_gid == gid))
+
+
 class _Checker:
-    def __init__(self, bundle: Path, trusted_ca: x509.Certificate | None) -> None:
+    def __init__(self, bundle: Path, trusted_ca: x509.Certificate | None,
+                 group: Group | None) -> None:
         self.dir = bundle
         self.trusted_ca = trusted_ca
+        self.group = group
         self.problems: list[str] = []
         self.now = dt.datetime.now(dt.UTC)
 
@@ -69,16 +89,44 @@ class _Checker:
         self.conformance(operator)
         return self.problems
 
+    def directory(self) -> None:
+        info = self.dir.stat()
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o022:
+            self.bad("directory", f"mode {mode:04o}: writable by group or others")
+        group = self.group
+        if group is not None and not (mode & 0o001 or (mode & 0o010 and info.st_gid == group.gid)):
+            self.bad("directory", f"mode {mode:04o}, gid {info.st_gid}: the service's group"
+                                  f" {group} cannot enter it (root:{group.name} 0750 expected)")
+
+    def key_mode(self, name: str, info: os.stat_result) -> None:
+        """0600 (root only) or 0640 with the service's group; nothing else."""
+        mode, group = stat.S_IMODE(info.st_mode), self.group
+        if mode & 0o037:
+            self.bad(name, f"mode {mode:04o}: a private key must be 0600, or 0640 with the"
+                           " service's group (no group write, no access for others)")
+        elif mode & 0o040 and (group is None or info.st_gid != group.gid):
+            service = f"the service's is {group}" if group else "there is no service group here"
+            self.bad(name, f"mode {mode:04o}: readable by gid {info.st_gid}, and {service}")
+        elif name == KEY and group is not None and not mode & 0o040:
+            self.bad(name, f"mode {mode:04o}, gid {info.st_gid}: the service's group {group}"
+                           f" cannot read it (root:{group.name} 0640 expected)")
+
     def files(self) -> None:
+        self.directory()
         for path in sorted(self.dir.iterdir()):
             info = path.lstat()
             if not stat.S_ISREG(info.st_mode):
                 self.bad(path.name, "not a regular file")
                 continue
-            loose = stat.S_IMODE(info.st_mode) & 0o077
-            if path.name.endswith(".key") and loose:
-                self.bad(path.name, f"mode {stat.S_IMODE(info.st_mode):04o}: a private key must"
-                                    " be 0600 (no group or other access)")
+            mode = stat.S_IMODE(info.st_mode)
+            if path.name.endswith(".key"):
+                self.key_mode(path.name, info)
+            elif mode & 0o022:
+                self.bad(path.name, f"mode {mode:04o}: writable by group or others")
+            elif self.group is not None and not _can_read(info, self.group.gid):
+                self.bad(path.name, f"mode {mode:04o}, gid {info.st_gid}: the service's group"
+                                    f" {self.group} cannot read it")
             if path.name != KEY and b"PRIVATE KEY" in path.read_bytes():
                 self.bad(path.name, "holds a private key; only device.key belongs in a bundle")
 
@@ -251,6 +299,9 @@ class _Checker:
                     self.bad(path.name, str(exc))
 
 
-def verify_bundle(path: Path, *, trusted_ca: x509.Certificate | None = None) -> list[str]:
-    """Every problem of the bundle at ``path`` (or installed under it), one line each."""
-    return _Checker(resolve(path), trusted_ca).run()
+def verify_bundle(path: Path, *, trusted_ca: x509.Certificate | None = None,
+                  group: Group | None = None) -> list[str]:
+    """Every problem of the bundle at ``path`` (or installed under it), one line each.
+    ``group``: the service's group (:mod:`provisioning.owner`), which must be able to read the
+    bundle and may be the only group that reads the key; None: the key must be 0600."""
+    return _Checker(resolve(path), trusted_ca, group).run()
