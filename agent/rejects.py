@@ -18,10 +18,12 @@ useless) or ``session`` (the bearer refused: data is).
 
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
+from agent.ratelimit import Backoff as JitterBackoff
 from drivers.parsers.network import ErrorReport, Registration
 
 Kind = Literal["permanent", "temporary", "not-sim"]
@@ -139,41 +141,32 @@ def classify_ceer(report: ErrorReport) -> Reject | None:
     return classify_mobility(report.cause)
 
 
-@dataclass(slots=True)
-class Backoff:
-    """Delays between attempts after ``temporary``/``not-sim`` rejects: exponential with full
-    jitter above ``min_delay`` (never two attempts closer than that: no retry storm), capped at
+class Backoff(JitterBackoff):
+    """Delays between attempts after ``temporary``/``not-sim`` rejects: the uplink's full-jitter
+    backoff above ``min_delay`` (never two attempts closer than that: no retry storm), capped at
     ``cap``; closer to a deadline the ceiling shrinks to a quarter of the time left, never below
     ``urgent_cap``. ``probe`` is the rare check of a SIM suspended by a ``permanent`` reject."""
 
-    base: float = 15.0
-    cap: float = 1800.0
-    min_delay: float = 10.0
-    urgent_cap: float = 60.0
-    probe: float = 6 * 3600.0
-    rng: random.Random = field(default_factory=random.Random)
-    attempts: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.min_delay <= self.urgent_cap <= self.cap or self.base <= 0:
+    def __init__(self, base: float = 15.0, cap: float = 1800.0, *, min_delay: float = 10.0,
+                 urgent_cap: float = 60.0, probe: float = 6 * 3600.0,
+                 rng: random.Random | None = None, attempts: int = 0) -> None:
+        if not 0 < min_delay <= urgent_cap <= cap or base <= 0:
             raise ValueError("need 0 < min_delay <= urgent_cap <= cap and base > 0")
+        self.rng = rng or random.Random()
+        # A base above the cap (the configuration allows it) means: always the cap.
+        super().__init__(min(base, cap), cap, self.rng.random, min_delay=min_delay)
+        self.urgent_cap = urgent_cap
+        self.probe = probe
+        self.attempts = attempts
 
-    def _shrink(self, ceiling: float, time_left: float | None) -> float:
-        if time_left is None:
-            return ceiling
-        return min(ceiling, max(self.urgent_cap, time_left / 4))
+    def _limit(self, time_left: float | None) -> float:
+        return math.inf if time_left is None else max(self.urgent_cap, time_left / 4)
 
     def next_delay(self, time_left: float | None = None) -> float:
         """Seconds to wait before the next attempt; counts the attempt. ``time_left``: seconds
         to the deadline (:meth:`agent.trusted_time.TrustedClock.time_left`), None when none."""
-        ceiling = self._shrink(min(self.cap, self.base * 2.0 ** min(self.attempts, 60)), time_left)
-        self.attempts += 1
-        return self.rng.uniform(self.min_delay, max(self.min_delay, ceiling))
+        return super().next_delay(self._limit(time_left))
 
     def probe_delay(self, time_left: float | None = None) -> float:
         """Seconds until the next probe of a permanently rejected SIM (±10 % jitter)."""
-        return self._shrink(self.probe, time_left) * self.rng.uniform(0.9, 1.1)
-
-    def reset(self) -> None:
-        """An attempt succeeded: start again from ``base``."""
-        self.attempts = 0
+        return min(self.probe, self._limit(time_left)) * self.rng.uniform(0.9, 1.1)
