@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent import orders
+from agent.aio import wait_event
 from agent.cmd_status import HEARTBEAT
 from agent.commands import CommandProcessor, Result, mqtt_callback
 from agent.commands_sms import ModemSmsReply, Reply, SmsCommandReader
@@ -54,6 +55,7 @@ from drivers.vendors import Profile
 log = logging.getLogger(__name__)
 
 _TICK = 1.0  # how often the in-memory view is compared with what was last written
+_SMS_RETRY = 30.0  # a modem that refused the SMS set-up is asked again after this long
 
 
 async def supervise(name: str, work: Callable[[], Awaitable[None]], backoff: Backoff) -> None:
@@ -145,7 +147,6 @@ class Daemon:
                                             on_change=self._keeper_changed)
         self.commands = CommandProcessor(store, cfg.device_id, self._operator_keys(),
                                          self.clock, orders.handlers(self))
-        self._sms: SmsCommandReader | None = None
         # Closed in reverse: ingest first (answers owed), then the keeper, tasks, sessions,
         # uplink.
         await self._start_uplinks()
@@ -281,14 +282,34 @@ class Daemon:
 
     def attached(self, channel: AtChannel, profile: Profile) -> None:
         self.keeper.attach(channel, profile)
-        self._sms = SmsCommandReader(channel, self.commands, self._sms_reply(channel))
-        self._spawn("sms-commands", self._sms.start)
+        self._spawn("sms-commands", lambda: self._sms_commands(channel))
 
     def detached(self) -> None:
         self.keeper.detach()
         if (task := self._tasks.pop("sms-commands", None)) is not None:
             task.cancel()
-        self._sms = None
+
+    async def _sms_commands(self, channel: AtChannel) -> None:
+        """Commands by SMS on this modem, set up again after every modem reset (text mode and
+        new-message indications go with it); a modem not ready for it is asked again later."""
+        reset = asyncio.Event()
+        unlisten = channel.add_reset_listener(lambda _why: reset.set())
+        try:
+            while True:
+                reset.clear()
+                reader = SmsCommandReader(channel, self.commands, self._sms_reply(channel))
+                try:
+                    await reader.start()
+                    ready = True
+                except ModemError as exc:
+                    log.warning("SMS commands not set up yet: %s", exc)
+                    ready = False
+                try:
+                    await wait_event(reset, None if ready else _SMS_RETRY)
+                finally:
+                    await reader.stop()
+        finally:
+            unlisten()
 
     def timed_out(self) -> None:
         self.keeper.note_timeout()
@@ -356,8 +377,7 @@ class Daemon:
                 if key != shown:
                     self.mqtt.publish_state(self._state(snap))
                 shown, written = key, loop.time()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), _TICK)
+            await wait_event(self._changed, _TICK)
 
     def _state(self, snap: dict[str, Any]) -> dict[str, Any]:
         """The retained ``state``: the SIM in the slot (lifecycle, suspension, conformance),

@@ -15,11 +15,11 @@ before the first poll. Temperature is not there yet: no vendor profile reads it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from agent.aio import wait_event
 from agent.outbox import TELEMETRY, Outbox, compact_json
 from agent.session import ModemSession
 
@@ -64,8 +64,7 @@ class HealthReporter:
         while True:
             self._kick.clear()
             await self.report()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.interval)
+            await wait_event(self._kick, self.interval)
 
 
 def _modem(session: ModemSession) -> dict[str, Any]:

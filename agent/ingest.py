@@ -168,7 +168,8 @@ class IngestServer:
         if not stat.S_ISSOCK(mode):
             raise IngestError(f"{self.path} exists and is not a socket; not touching it")
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.path), 2)
+            async with asyncio.timeout(2):
+                _, writer = await asyncio.open_unix_connection(self.path)
         except (ConnectionRefusedError, FileNotFoundError):
             self.path.unlink(missing_ok=True)  # left behind by a dead agent
             return

@@ -18,13 +18,13 @@ A :class:`ModemSession` owns its port for as long as it runs:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from agent.aio import wait_event
 from agent.ratelimit import Backoff
 from agent.store import StoreError
 from agent.usage import Counters, read_kernel
@@ -217,8 +217,7 @@ class ModemSession:
             if not channel.is_open:
                 return
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            await wait_event(self._wake, self.poll_interval)
 
     async def _poll(self, modem: Modem) -> None:
         info = await modem.info()

@@ -153,11 +153,13 @@ class MqttUplink:
         if client.is_connected():
             offline = self._publish("status", b"offline", retain=True)
             with contextlib.suppress(TimeoutError, BatchRejected):
-                await asyncio.wait_for(offline, timeout)
+                async with asyncio.timeout(timeout):
+                    await offline
             client.disconnect()
             if self._lost is not None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._lost), timeout)
+                    async with asyncio.timeout(timeout):
+                        await asyncio.shield(self._lost)
         self._connected.clear()
         await driver.close()
         self._end_pending(None)
@@ -248,7 +250,8 @@ class MqttUplink:
         self._lost = loop.create_future()
         try:
             await self._driver.connect(self._blocking_connect)
-            reason = await asyncio.wait_for(asyncio.shield(self._connack), _CONNECT_TIMEOUT)
+            async with asyncio.timeout(_CONNECT_TIMEOUT):  # not wait_for: see agent.aio
+                reason = await asyncio.shield(self._connack)
         except OSError as exc:  # refused, unreachable, TLS handshake, no CONNACK in time
             log.warning(
                 "MQTT connect to %s:%s failed: %s",
