@@ -60,6 +60,7 @@ class Reading:
     data: str  # compact JSON text
     priority: int
     size: int
+    created: float = 0.0  # when the agent committed it (wall clock, Unix seconds)
 
 
 class OutboxError(Exception):
@@ -285,17 +286,19 @@ class Outbox:
         """The oldest readings of ``stream`` (order kept per topic), at most ``max_count`` and
         ``max_bytes`` in total, but always the first one even when it alone is larger."""
         rows = self._store.query(
-            "SELECT seq, topic, ts, data, priority, size FROM outbox WHERE stream = ?"
+            "SELECT seq, topic, ts, data, priority, size, created FROM outbox WHERE stream = ?"
             " ORDER BY seq LIMIT ?",
             (stream, max_count),
         )
         batch: list[Reading] = []
         total = 0
-        for seq, topic, ts, data, priority, size in rows:
+        for seq, topic, ts, data, priority, size, created in rows:
             total += size
             if batch and total > max_bytes:
                 break
-            batch.append(Reading(f"{self._prefix}-{seq}", stream, topic, ts, data, priority, size))
+            batch.append(
+                Reading(f"{self._prefix}-{seq}", stream, topic, ts, data, priority, size, created)
+            )
         return batch
 
     def ack(self, ids: Sequence[str]) -> None:

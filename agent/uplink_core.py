@@ -127,6 +127,7 @@ class Drainer:
         compress: bool = True,
         allow: Callable[[Reading], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._outbox = outbox
         self._transport = transport
@@ -144,6 +145,7 @@ class Drainer:
         self._compress = compress
         self._allow = allow
         self._clock = clock
+        self._wall = wall
         self._telemetry_allowed = True
         self._inflight: dict[str, tuple[str, asyncio.Future[None]]] = {}
         self._inflight_ids: set[str] = set()
@@ -222,7 +224,10 @@ class Drainer:
                 continue
             entries = fit(self._device_id, readings, self._max_bytes)
             full = len(entries) < len(readings) or len(entries) >= self._max_count
-            since = self._pending_since.setdefault(stream, now)
+            # A partial batch waits at most the latency from its OLDEST reading's commit, not
+            # from when the drainer first saw it: the tail of a backlog goes at once.
+            waited = max(0.0, self._wall() - readings[0].created)
+            since = min(self._pending_since.setdefault(stream, now), now - waited)
             due = since + (self._latency if stream == TELEMETRY else 0.0)
             if full or now >= due:
                 del self._pending_since[stream]

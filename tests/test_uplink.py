@@ -277,3 +277,26 @@ async def test_stop_is_clean_while_the_broker_is_down(
     running.remove(uplink)
     await asyncio.wait_for(uplink.stop(), 10)
     assert not uplink.ready
+
+
+async def test_a_backlog_tail_goes_at_once_a_fresh_partial_batch_waits(
+    broker: Broker, sub: Subscriber, tmp_path: Path, running: list[MqttUplink]
+) -> None:
+    """The latency of a partial batch counts from its oldest reading's commit: after an outage
+    the last partial batch of a backlog is not held back again."""
+    import time
+
+    from agent.store import Store
+
+    committed_at = [time.time() - 60.0]  # committed a minute ago, while the link was down
+    outbox = Outbox(Store(tmp_path / "db"), max_bytes=1 << 20, max_age=86400.0,
+                    clock=lambda: committed_at[0])
+    old = fill(outbox, 3)
+    settings = uplink_settings(broker.port, batch_max_latency=30.0)
+    await start(running, MqttUplink(settings, "gw-test", outbox))
+    await until(lambda: [r["id"] for r in sub.readings()] == old, "the backlog's tail")
+    committed_at[0] = time.time()
+    fill(outbox, 2)  # fresh readings: a partial batch that waits for more, up to 30 s
+    await asyncio.sleep(1.0)
+    assert [r["id"] for r in sub.readings()] == old
+    assert outbox.depth() == (2, outbox.depth()[1])
