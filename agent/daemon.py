@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import orders
 from agent.aio import wait_event
@@ -36,7 +36,6 @@ from agent.commands_sms import ModemSmsReply, Reply, SmsCommandReader
 from agent.config import Config
 from agent.events import Events
 from agent.health import HealthReporter
-from agent.http_uplink import HttpUplink
 from agent.ingest import IngestServer
 from agent.keeper import SimKeeper
 from agent.outbox import Outbox, Reading
@@ -51,6 +50,9 @@ from drivers.channel import AtChannel
 from drivers.errors import ModemError
 from drivers.hotplug import Hotplug, PortMatch
 from drivers.vendors import Profile
+
+if TYPE_CHECKING:
+    from agent.http_uplink import HttpUplink
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ class Daemon:
     keeper: SimKeeper
     commands: CommandProcessor
     mqtt: MqttUplink
-    readings_uplink: MqttUplink | HttpUplink
+    readings_uplink: MqttUplink | HttpUplink  # HttpUplink only for "unified-endpoint"
     health: HealthReporter
 
     # -- running ----------------------------------------------------------------------------------
@@ -209,6 +211,8 @@ class Daemon:
 
         http = None
         if cfg.uplink.kind == "unified-endpoint":
+            from agent.http_uplink import HttpUplink  # http.client only when it is used
+
             http = HttpUplink(cfg.uplink, cfg.device_id, self.outbox, allow=allow)
         self.mqtt = MqttUplink(
             cfg.uplink, cfg.device_id, self.outbox,

@@ -20,7 +20,7 @@ bound is past it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import json
 import math
 import time
@@ -47,14 +47,20 @@ def ntp_synchronised() -> bool:
     """Whether the kernel's clock is NTP-disciplined (chrony, ntpd and timesyncd all clear
     ``STA_UNSYNC``)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         timex = ctypes.create_string_buffer(512)  # struct timex is 208 bytes; modes = 0: read
-        state = int(libc.adjtimex(timex))
+        state = int(_libc().adjtimex(timex))
     except (OSError, AttributeError):
         return _TIMESYNC_FLAG.exists()
     if state < 0:
         return _TIMESYNC_FLAG.exists()
     return state != _TIME_ERROR
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library the process already has: no ``ctypes.util.find_library``, which runs
+    ``ldconfig`` in a subprocess on every call."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def boot_id() -> str:
