@@ -25,6 +25,8 @@ class _Command(Protocol):
     def run(self, args: argparse.Namespace) -> int: ...
 
 
+DESCRIPTION = "The simkeeper command line."  # not __doc__: gone under python -OO
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "modem": ("agent.cmd_modem", "talk to a modem: `modem info` probes one and prints it"),
@@ -53,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     common.add_argument("--log-level", default=os.environ.get("SIMKEEPER_LOG", "WARNING"),
                         type=str.upper, choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log verbosity on stderr (TRACE shows raw serial bytes)")
-    parser = argparse.ArgumentParser(prog="simkeeper", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="simkeeper", description=DESCRIPTION,
                                      parents=[common])
     parser.add_argument("--version", action="version", version=f"simkeeper {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
