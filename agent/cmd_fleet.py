@@ -6,6 +6,7 @@ telemetry to SORACOM Flux.
     fleet send --all FILE NAME [--arg k=v ...]     the same for every device listed in FILE
     fleet watch [--once]                           the fleet as a table
     fleet flux-bridge --webhook URL                telemetry -> Flux incoming webhook
+    fleet simulate N [--broker H:P] [--report]     N agents with simulated modems, this process
 
 ``send`` exits 1 when any device refused, failed or did not answer within ``--timeout``.
 """
@@ -19,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.fleet.mqtt import FleetError, add_broker_arguments, options_from
+from agent.fleet.mqtt import FleetError, add_broker_arguments, options_from, parse_broker
 from provisioning.files import ProvisionError
 
 
@@ -55,6 +56,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--client-id", default=f"simkeeper-flux-bridge-{os.uname().nodename}")
     p.add_argument("--group", default="simkeeper-bridge", help="shared subscription group")
     add_broker_arguments(p)
+
+    p = sub.add_parser("simulate", help="N complete agents with simulated modems in this"
+                       " process, against one broker; --report measures it")
+    p.add_argument("n", type=int, metavar="N", help="how many agents")
+    p.add_argument("--broker", type=parse_broker, default=None, metavar="HOST:PORT",
+                   help="default: a local mosquitto on a free port (needed for the storm)")
+    p.add_argument("--duration", type=float, default=0.0, metavar="S",
+                   help="stop after S seconds (default: Ctrl-C, or the end of --report)")
+    p.add_argument("--report", action="store_true",
+                   help="measure: messages/s, command round trip, connect storm")
+    p.add_argument("--dir", type=Path, help="keep the agents' files here (default: temporary)")
+    p.add_argument("--prefix", default="simkeeper", help="topic prefix (default simkeeper)")
+    p.add_argument("--poll", type=float, default=300.0, metavar="S",
+                   help="modem, keeper and health period per agent (default 300)")
+    p.add_argument("--telemetry", type=float, default=60.0, metavar="S",
+                   help="one reading per agent every S seconds via ingest (0: none)")
+    p.add_argument("--wave", type=int, default=50, help="agents started per wave (default 50)")
+    p.add_argument("--sample", type=int, default=100, help="commands timed one at a time")
+    p.add_argument("--steady", type=float, default=20.0, metavar="S",
+                   help="length of the steady phase measured (default 20)")
+    p.add_argument("--down", type=float, default=2.0, metavar="S",
+                   help="how long the killed broker stays down (default 2)")
 
 
 def _devices(args: argparse.Namespace) -> list[str]:
@@ -135,7 +158,19 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-_ACTIONS = {"keygen": _keygen, "send": _send, "watch": _watch, "flux-bridge": _bridge}
+def _simulate(args: argparse.Namespace) -> int:
+    from agent.fleet.simulate import Options, simulate
+
+    if args.n < 1 or args.wave < 1 or args.poll <= 0 or args.telemetry < 0 or args.sample < 0:
+        raise UsageError("N and --wave must be >= 1, --poll > 0, --telemetry and --sample >= 0")
+    return simulate(Options(
+        n=args.n, broker=args.broker, duration=args.duration, report=args.report,
+        directory=args.dir, prefix=args.prefix, poll=args.poll, telemetry=args.telemetry,
+        wave=args.wave, sample=args.sample, steady=args.steady, down=args.down))
+
+
+_ACTIONS = {"keygen": _keygen, "send": _send, "watch": _watch, "flux-bridge": _bridge,
+            "simulate": _simulate}
 
 
 def run(args: argparse.Namespace) -> int:
