@@ -4,12 +4,15 @@ One reading on topic ``agent/health`` (low priority: the first dropped when the 
 held back by a plan's throttle) at start, whenever a modem session comes (back) up, and every
 ``interval`` seconds::
 
-    {"modems": [{"port", "state", "registration": {...}, "operator": {...}, "signal": {...}}],
+    {"modems": [{"port", "state", "registration": {...}, "operator": {...}, "signal": {...},
+                 "temperature_c": float}],
      "outbox": {"count", "bytes"}, "drops": {"<reason>": <count>, ...}}
 
 ``registration``, ``operator`` and ``signal`` are those of ``simkeeper modem info --json``
 (``registration`` carries the cell: ``act``, ``lac``, ``tac``, ``cell_id``); they are null
-before the first poll. Temperature is not there yet: no vendor profile reads it.
+before the first poll. ``temperature_c`` is the module's hottest sensor in °C as of the last
+poll, present only where the modem reports it (Quectel ``+QTEMP``, SIMCom ``+CPMUTEMP``,
+Telit ``#TEMPMEAS``; see ``drivers/vendors.py``).
 """
 
 from __future__ import annotations
@@ -69,10 +72,13 @@ class HealthReporter:
 
 def _modem(session: ModemSession) -> dict[str, Any]:
     info = session.info or {}
-    return {
+    modem: dict[str, Any] = {
         "port": session.port,
         "state": session.state,
         "registration": info.get("registration"),
         "operator": info.get("operator"),
         "signal": info.get("signal"),
     }
+    if session.temperature_c is not None:
+        modem["temperature_c"] = session.temperature_c
+    return modem

@@ -9,8 +9,9 @@ A :class:`ModemSession` owns its port for as long as it runs:
   waiting with capped, fully jittered exponential backoff; only :meth:`stop` (hotplug says the
   port is gone, or shutdown) ends it;
 - every ``poll_interval`` seconds (and right after each initialisation) it reads the modem as
-  ``simkeeper modem info --json`` shows it, plus the data counters, and feeds the usage meter
-  with the modem's and the kernel's counters of ``interface`` on the same tick;
+  ``simkeeper modem info --json`` shows it, plus the data counters and the module temperature
+  (one AT command, where the vendor profile has one), and feeds the usage meter with the
+  modem's and the kernel's counters of ``interface`` on the same tick;
 - it counts malfunction signals with their times (command timeouts, resets), for the
   conformance check's "N resets or hangs within a window".
 """
@@ -120,6 +121,7 @@ class ModemSession:
         self.detail: str | None = None
         self.info: dict[str, Any] | None = None  # the `modem info --json` object, last poll
         self.polled_at: float | None = None
+        self.temperature_c: float | None = None  # last poll; None where the modem has no read
         self.reopens = 0
         self._channel: AtChannel | None = None
         self._wake = asyncio.Event()
@@ -145,6 +147,7 @@ class ModemSession:
             "detail": self.detail,
             "modem": self.info,
             "polled_at": self.polled_at,
+            "temperature_c": self.temperature_c,
             "reopens": self.reopens,
             "timeouts": len(m.timeouts),
             "resets": len(m.resets),
@@ -230,8 +233,10 @@ class ModemSession:
         except ModemError as exc:
             log.debug("modem %s: no data counters: %s", self.port, exc)
             counters = ()
+        temperature = await modem.temperature()  # None, never raises, unless the port is gone
         first = self.state != "ready"
         self.info, self.polled_at = info, self._clock()
+        self.temperature_c = temperature
         self._set_state("ready", None)
         if first:
             self._backoff.reset()

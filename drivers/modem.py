@@ -46,6 +46,7 @@ from drivers.parsers.sim import (
     parse_imsi,
     pin_state_from_error,
 )
+from drivers.parsers.thermal import Temperature
 from drivers.vendors import GENERIC, Profile, identify
 
 log = logging.getLogger(__name__)
@@ -286,6 +287,23 @@ class Modem:
         if p.counters_command is None or p.counters_parser is None:
             return ()
         return await self._read(p.counters_command, p.counters_parser)
+
+    async def temperature_reading(self) -> Temperature | None:
+        """The vendor's temperature read: the hottest sensor, named, and every sensor. None when
+        the profile has no temperature command or the read fails with a ModemError; a lost port
+        (PortError, NotConnected) still raises, as in every read: it ends the session."""
+        p = self.profile
+        if p.temperature_command is None or p.temperature_parser is None:
+            return None
+        expect = (p.temperature_prefix,) if p.temperature_prefix else ()
+        return await self._optional(
+            self._read(p.temperature_command, p.temperature_parser, expect))
+
+    async def temperature(self) -> float | None:
+        """The module temperature in °C (its hottest sensor), or None where the modem does not
+        report it (see :meth:`temperature_reading`)."""
+        reading = await self.temperature_reading()
+        return reading.celsius if reading is not None else None
 
     # -- the probe -----------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:

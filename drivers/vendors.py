@@ -14,6 +14,7 @@ signal             ``AT+CSQ`` -> ``+CSQ: <rssi>,<ber>``; extended ``AT+CESQ``
 counters           none
 clock              ``AT+CCLK?`` -> ``+CCLK: "yy/MM/dd,hh:mm:ss±zz"``
 reset              ``AT+CFUN=1,1``
+temperature        none (27.007 has no temperature read; ``drivers/parsers/thermal.py``)
 init               ``AT+CREG=2``, ``AT+CGREG=2``, ``AT+CEREG=3`` (``=2`` when 3 is refused)
 ``<AcT>``          27.007: 7 LTE, 8 EC-GSM-IoT, 9 NB-IoT, 11/12 NR
 =================  =====================================================================
@@ -26,6 +27,8 @@ signal             ``AT+QENG="servingcell"`` -> ``+QENG: "servingcell",<state>,"
                    <is_tdd>,<mcc>,<mnc>,<cellid>,<pcid>,<earfcn>,<band>,<ul_bw>,<dl_bw>,<tac>,
                    <rsrp>,<rsrq>,<rssi>,<sinr 0..250 = -20..30 dB>,...``
 counters           ``AT+QGDCNT?`` -> ``+QGDCNT: <sent>,<recv>`` (bytes)
+temperature        ``AT+QTEMP`` -> ``+QTEMP: <pmic_temp>,<xo_temp>,<pa_temp>`` (EC2x) or one
+                   ``+QTEMP: "<sensor>","<temp>"`` line per sensor; the hottest is reported
 banner             ``RDY`` (about 11 s after a reset on EC2x)
 ``<AcT>``          8 is LTE-M (eMTC) on BG9x, 9 NB-IoT
 =================  =====================================================================
@@ -39,11 +42,13 @@ signal             ``AT+CPSI?`` -> ``+CPSI: LTE,Online,<mcc>-<mnc>,<tac>,<cell>,
                    <earfcn>,<dlbw>,<ulbw>,<rsrq>,<rsrp>,<rssi>,<rssnr>`` (SIM7600: tenths,
                    SINR = 2*rssnr-20; SIM7080 ``LTE CAT-M1``: whole dB)
 counters           none
+temperature        ``AT+CPMUTEMP`` -> ``+CPMUTEMP: <temp>`` (°C)
 banner             ``RDY``
 ``<AcT>``          SIM7080 (LTE-M/NB-IoT only): 7 is LTE-M, 9 NB-IoT
 =================  =====================================================================
 
-SIMCom SIM800 (2G): ``AT+CCID`` answers a bare ``<iccid>`` line; no extended signal.
+SIMCom SIM800 (2G): ``AT+CCID`` answers a bare ``<iccid>`` line; no extended signal; no
+temperature read known.
 
 u-blox SARA-R4 / SARA-R5 and others (``+CGMI: u-blox``)
 
@@ -53,18 +58,23 @@ counters           ``AT+UGCNTRD`` -> ``+UGCNTRD: <cid>,<sent_sess>,<recv_sess>,<
                    <recv_total>`` (one line per context)
 banner             none
 ``+CFUN``          0 and 19 are low-power (minimum functionality, SIM kept / deactivated)
+temperature        not read: ``+UTEMP``'s answer (units, scale) is not confirmed from a manual
 ``<AcT>``          SARA-R4/R5 (LTE-M/NB-IoT only): 7 is LTE-M, 9 NB-IoT
 =================  =====================================================================
 
 Telit LE910 (``+CGMI: Telit``): ICCID ``AT#CCID`` -> ``#CCID: <iccid>``; counters
-``AT#GDATAVOL=1`` -> ``#GDATAVOL: <cid>,<total>,<sent>,<received>``; reset ``AT#REBOOT``.
+``AT#GDATAVOL=1`` -> ``#GDATAVOL: <cid>,<total>,<sent>,<received>``; reset ``AT#REBOOT``;
+temperature ``AT#TEMPMON=1`` -> ``#TEMPMEAS: <level>,<value>`` (``<value>`` °C).
 
 Sierra Wireless HL78xx / HL75xx (``+CGMI: Sierra Wireless``): ICCID ``AT+CCID`` ->
 ``+CCID: <iccid>``; HL78xx (LTE-M/NB-IoT only): ``<AcT>`` 7 is LTE-M.
 
 Huawei (``+CGMI: Huawei``): ICCID ``AT^ICCID?`` -> ``^ICCID: <iccid>`` (EF_ICCID order);
 counters ``AT^DSFLOWQRY`` -> ``^DSFLOWQRY: <last_time>,<last_tx>,<last_rx>,<total_time>,
-<total_tx>,<total_rx>`` (hex); clock ``AT^NWTIME?`` -> ``^NWTIME: yy/MM/dd,hh:mm:ss±zz,<dst>``.
+<total_tx>,<total_rx>`` (hex); clock ``AT^NWTIME?`` -> ``^NWTIME: yy/MM/dd,hh:mm:ss±zz,<dst>``;
+temperature not read (``^CHIPTEMP?``'s fields are not confirmed from a manual).
+
+Sierra Wireless: temperature not read (no confirmed command).
 """
 
 from __future__ import annotations
@@ -83,6 +93,7 @@ from drivers.parsers.packet import (
     parse_ugcntrd,
 )
 from drivers.parsers.signal import Signal, parse_cesq, parse_cpsi, parse_qeng_servingcell
+from drivers.parsers.thermal import Temperature, parse_cpmutemp, parse_qtemp, parse_tempmeas
 
 Lines = Sequence[str]
 
@@ -91,7 +102,8 @@ Lines = Sequence[str]
 class Profile:
     """One dialect. ``manufacturer``/``model`` are regular expressions searched (ignoring case)
     in the ``+CGMI``/``+CGMM`` answers; ``iccid_prefix`` is the answer's prefix (None: a bare
-    line). Commands set to None are not supported by the vendor."""
+    line). Commands set to None are not supported by the vendor (the temperature command: not
+    confirmed from the vendor's manual)."""
 
     name: str
     manufacturer: str = ""
@@ -105,6 +117,9 @@ class Profile:
     clock_command: str = "AT+CCLK?"
     clock_parser: Callable[[Lines], NetworkTime] = parse_cclk
     reset_command: str = "AT+CFUN=1,1"
+    temperature_command: str | None = None
+    temperature_parser: Callable[[Lines], Temperature] | None = None
+    temperature_prefix: str | None = None  # the answer's prefix when not the command's name
     banner: str | None = None
     init_commands: tuple[str, ...] = ("AT+CREG=2", "AT+CGREG=2", "AT+CEREG=3")
     act_names: Mapping[int, Act] = field(default_factory=lambda: ACT_27007)
@@ -127,6 +142,7 @@ QUECTEL = replace(
     iccid_command="AT+QCCID", iccid_prefix="+QCCID",
     signal_command='AT+QENG="servingcell"', signal_parser=parse_qeng_servingcell,
     counters_command="AT+QGDCNT?", counters_parser=parse_qgdcnt,
+    temperature_command="AT+QTEMP", temperature_parser=parse_qtemp,
     banner="RDY", act_names=_acts(a8="lte-m"),
 )
 
@@ -134,11 +150,12 @@ SIMCOM = replace(
     GENERIC, name="simcom", manufacturer="simcom",
     iccid_command="AT+CICCID", iccid_prefix="+ICCID",
     signal_command="AT+CPSI?", signal_parser=parse_cpsi, banner="RDY",
+    temperature_command="AT+CPMUTEMP", temperature_parser=parse_cpmutemp,
 )
 SIMCOM_LPWA = replace(SIMCOM, name="simcom-lpwa", model=r"SIM70[0-9]0", act_names=_acts(a7="lte-m"))
 SIMCOM_2G = replace(
     SIMCOM, name="simcom-2g", model=r"SIM8[0-9][0-9]", iccid_command="AT+CCID",
-    iccid_prefix=None, signal_command=None,
+    iccid_prefix=None, signal_command=None, temperature_command=None, temperature_parser=None,
 )
 
 _UBLOX_CFUN: Mapping[int, RadioState] = {**CFUN_27007, 0: "low-power", 19: "low-power"}
@@ -151,6 +168,8 @@ UBLOX_LPWA = replace(UBLOX, name="u-blox-lpwa", model=r"SARA-R[45]", act_names=_
 TELIT = replace(
     GENERIC, name="telit", manufacturer="telit", iccid_command="AT#CCID", iccid_prefix="#CCID",
     counters_command="AT#GDATAVOL=1", counters_parser=parse_gdatavol, reset_command="AT#REBOOT",
+    temperature_command="AT#TEMPMON=1", temperature_parser=parse_tempmeas,
+    temperature_prefix="#TEMPMEAS",
 )
 
 SIERRA = replace(GENERIC, name="sierra", manufacturer="sierra")

@@ -25,6 +25,7 @@ from drivers.simulator.scenario import (
     NETWORK_FIELDS,
     SIGNAL_FIELDS,
     SIM_FIELDS,
+    TEMPERATURE_FIELDS,
     Scenario,
     check_fields,
     load_scenario,
@@ -105,6 +106,8 @@ class SimulatedModem:
         st.traffic.down_bps = float(sc.traffic.get("down_bps", 0.0))
         if sc.apn is not None:
             st.apn = sc.apn
+        if sc.temperature_c is not None:
+            st.temperature_c = sc.temperature_c
         self.engine.power_on(radio=sc.radio)
         for msg in sc.sms:
             sms.receive(self.engine, msg.get("sender", "+818000000000"), msg["text"], notify=False)
@@ -253,6 +256,11 @@ class SimulatedModem:
     def set_signal(self, **fields: int) -> None:
         for key, value in check_fields(fields, SIGNAL_FIELDS, "signal").items():
             setattr(self.state.signal, key, value)
+
+    def set_temperature(self, temperature_c: int) -> None:
+        """The module's temperature (°C), as its vendor's temperature command reports it."""
+        values = check_fields({"temperature_c": temperature_c}, TEMPERATURE_FIELDS, "temperature")
+        self.state.temperature_c = values["temperature_c"]
 
     def set_sim(self, **fields: str) -> None:
         """Insert, remove, lock or swap the SIM (``iccid=``/``imsi=`` give a new card)."""

@@ -49,6 +49,7 @@ QUECTEL = Personality(
         "+QCCID": vendor.qccid,
         "+QENG": vendor.qeng,
         "+QGDCNT": vendor.qgdcnt,
+        "+QTEMP": vendor.qtemp,
     },
 )
 
@@ -71,6 +72,7 @@ SIMCOM = Personality(
     extensions={
         "+CICCID": vendor.ciccid,
         "+CPSI": vendor.cpsi,
+        "+CPMUTEMP": vendor.cpmutemp,
     },
 )
 

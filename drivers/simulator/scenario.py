@@ -93,6 +93,9 @@ _FAULTS: dict[str, _Spec] = {
     "noise_inside": ((bool,), None),
 }
 _SMS: dict[str, _Spec] = {"sender": ((str,), None), "text": ((str,), None)}
+# The module's temperature (°C, whole degrees as the vendors print it), within the industrial
+# range modules are specified for.
+TEMPERATURE_FIELDS: dict[str, _Spec] = {"temperature_c": ((int,), _between(-40, 125))}
 
 # step action -> (its fields, required fields)
 STEPS: dict[str, tuple[dict[str, _Spec], tuple[str, ...]]] = {
@@ -103,6 +106,7 @@ STEPS: dict[str, tuple[dict[str, _Spec], tuple[str, ...]]] = {
     "traffic": ({"up": ((int,), _at_least(0)), "down": ((int,), _at_least(0))}, ()),
     "traffic_rate": (_TRAFFIC, ()),
     "sms": (_SMS, ("text",)),
+    "temperature": (TEMPERATURE_FIELDS, ("temperature_c",)),
     "urc": ({"text": ((str,), None)}, ("text",)),
     "reboot": ({}, ()),
     "silence": ({"duration": (_NUM, _at_least(0))}, ()),
@@ -137,6 +141,7 @@ class Scenario:
     seed: int | None = None
     radio: int = 1
     apn: str | None = None
+    temperature_c: int | None = None
     sim: dict[str, Any] = field(default_factory=dict)
     network: dict[str, Any] = field(default_factory=dict)
     signal: dict[str, Any] = field(default_factory=dict)
@@ -175,6 +180,7 @@ _TOP: dict[str, _Spec] = {
     "seed": ((int,), None),
     "radio": ((int,), _one_of(0, 1, 4)),
     "apn": ((str,), None),
+    **TEMPERATURE_FIELDS,
     "sim": ((dict,), None),
     "network": ((dict,), None),
     "signal": ((dict,), None),
@@ -223,6 +229,7 @@ def parse_scenario(data: object) -> Scenario:
         seed=top.get("seed"),
         radio=top.get("radio", 1),
         apn=top.get("apn"),
+        temperature_c=top.get("temperature_c"),
         sms=messages,
         steps=tuple(steps),
         **sections,

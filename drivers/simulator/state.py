@@ -1,4 +1,5 @@
-"""Everything the simulated modem remembers: SIM, network, radio, PDP, counters, SMS.
+"""Everything the simulated modem remembers: SIM, network, radio, PDP, counters, SMS,
+temperature.
 
 Plain dataclasses; the rules that change them live in the engine and the handlers.
 ``power_on()`` gives the state a modem has right after (re)boot, keeping what survives a
@@ -130,6 +131,7 @@ class ModemState:
     sms: dict[int, Sms] = field(default_factory=dict)
     sms_capacity: int = 255
     apn: str = "soracom.io"
+    temperature_c: int = 38  # the module's hottest sensor, °C; kept across reboots
     # reset at every power-on
     radio: int = 1
     echo: bool = True

@@ -35,6 +35,8 @@ def _dispatch(sim: SimulatedModem, action: str, p: dict[str, Any]) -> None:
         sim.add_traffic(p.get("up", 0), p.get("down", 0))
     elif action == "traffic_rate":
         sim.set_traffic_rate(p.get("up_bps", 0.0), p.get("down_bps", 0.0))
+    elif action == "temperature":
+        sim.set_temperature(p["temperature_c"])
     elif action == "sms":
         sim.receive_sms(p["text"], p.get("sender", "+818000000000"))
     elif action == "urc":

@@ -97,6 +97,23 @@ def cpsi(engine: Engine, cmd: Command) -> list[str]:
     return ["+CPSI: " + ",".join(fields)]
 
 
+def qtemp(engine: Engine, cmd: Command) -> list[str]:
+    """``AT+QTEMP`` as EC2x firmware answers: ``+QTEMP: <pmic_temp>,<xo_temp>,<pa_temp>`` (°C).
+    The PA is the hottest sensor here and reads ``temperature_c``; PMIC and crystal a little
+    cooler."""
+    if cmd.form is not Form.EXEC:
+        raise AtFailure(cmd.text())
+    t = engine.state.temperature_c
+    return [f"+QTEMP: {t - 2},{t - 3},{t}"]
+
+
+def cpmutemp(engine: Engine, cmd: Command) -> list[str]:
+    """``AT+CPMUTEMP`` (SIM7600 manual): ``+CPMUTEMP: <temp>`` (°C)."""
+    if cmd.form is not Form.EXEC:
+        raise AtFailure(cmd.text())
+    return [f"+CPMUTEMP: {engine.state.temperature_c}"]
+
+
 def qgdcnt(engine: Engine, cmd: Command) -> list[str]:
     """``AT+QGDCNT?`` -> bytes since the last ``AT+QGDCNT=0``; ``=1`` saves (a no-op here)."""
     t = engine.traffic()
