@@ -1,7 +1,8 @@
 """``simkeeper run --config FILE``: the daemon, in the foreground (systemd ``Type=notify``).
 
 Exit 0 after a clean stop (SIGTERM or SIGINT), 2 for a config it refuses (the key and the
-reason on one line), 1 when it cannot start (database, ingest socket).
+reason on one line), 1 when it cannot start (database, ingest socket) or must not (a
+decommissioned gateway not re-provisioned since: :mod:`agent.decommission`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 from agent import config
 from agent.daemon import Daemon
+from agent.decommission import Decommissioned
 from agent.ingest import IngestError
 from agent.store import StoreError
 
@@ -27,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     except config.ConfigError as exc:
         return _fail(2, str(exc))
     try:
-        asyncio.run(_serve(Daemon(cfg)))
-    except (StoreError, IngestError) as exc:
+        asyncio.run(_serve(Daemon(cfg, config_path=config.resolve_path(args.config))))
+    except (StoreError, IngestError, Decommissioned) as exc:
         return _fail(1, str(exc))
     return 0
 

@@ -471,6 +471,8 @@ def parse(text: str) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nesting level: a hostile file hits the limit
+        raise ConfigError("not valid TOML: nested too deeply") from None
     return _check(_build(Config, raw, ""))
 
 

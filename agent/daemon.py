@@ -26,9 +26,10 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import orders
+from agent import decommission, orders
 from agent.aio import wait_event
 from agent.cmd_status import HEARTBEAT
 from agent.commands import CommandProcessor, Result, mqtt_callback
@@ -85,8 +86,10 @@ class Daemon:
         heartbeat: float = HEARTBEAT,
         restart_min: float = 1.0,
         restart_max: float = 60.0,
+        config_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
+        self.config_path = config_path  # where cfg came from: the bundle's keys and certificate
         self.notifier = notifier or Notifier()
         self.poll_interval = cfg.modem.poll_interval
         self.health_interval = cfg.health.interval
@@ -98,6 +101,8 @@ class Daemon:
         self._changed = asyncio.Event()
         self._stopped_at: float | None = None
         self.serving = asyncio.Event()  # set once READY=1 went (the demo waits for it)
+        self._uplinks_stopped = False
+        self._reprovisioned: dict[str, Any] | None = None
 
     # -- the parts, for the live view and the lifecycle -------------------------------------------
 
@@ -111,13 +116,16 @@ class Daemon:
     mqtt: MqttUplink
     readings_uplink: MqttUplink | HttpUplink  # HttpUplink only for "unified-endpoint"
     health: HealthReporter
+    decommissioner: decommission.Decommissioner
 
     # -- running ----------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set. Raises StoreError or IngestError when it cannot start."""
+        """Serve until ``stop`` is set. Raises StoreError or IngestError when it cannot start,
+        :class:`agent.decommission.Decommissioned` when it must not."""
         self.store = store = Store(self.cfg.store.path)
         try:
+            self._reprovisioned = decommission.check_start(store, self.cfg, self.config_path)
             async with contextlib.AsyncExitStack() as stack:
                 stack.push_async_callback(self._final_write)
                 await self._start(stack)
@@ -139,6 +147,10 @@ class Daemon:
         )
         store = self.store
         self.events = Events(self.outbox)
+        self.decommissioner = decommission.Decommissioner(self)
+        if (old := self._reprovisioned) is not None:
+            self.events.emit("re-provisioned", decommissioned_at=old.get("at"),
+                             old_cert_sha256=old.get("cert_sha256"))
         self.usage = UsageMeter(store, self.outbox, self.events, cfg.usage)
         self.health = HealthReporter(
             self.outbox, lambda: list(self.sessions.values()), interval=self.health_interval
@@ -152,9 +164,10 @@ class Daemon:
         # Closed in reverse: ingest first (answers owed), then the keeper, tasks, sessions,
         # uplink.
         await self._start_uplinks()
-        stack.push_async_callback(self._stop_uplinks)
+        stack.push_async_callback(self.stop_uplinks)
         stack.push_async_callback(self._stop_tasks)
         stack.push_async_callback(self.keeper.stop)
+        stack.push_async_callback(self.decommissioner.close)
         self._spawn("sim-keeper", self.keeper.run)
         self._start_sessions(stack)
         self._spawn("health", self.health.run)
@@ -166,7 +179,7 @@ class Daemon:
             self.outbox, cfg.ingest.socket, group=cfg.ingest.group,
             max_line=cfg.ingest.max_reading_bytes, max_clients=cfg.ingest.max_clients,
             client_timeout=cfg.ingest.client_timeout,
-            gates=(self.usage.accepting, self.keeper.accepting),
+            gates=(self.usage.accepting, self.keeper.accepting, self.decommissioner.accepting),
         )
         await ingest.start()
         stack.push_async_callback(ingest.close)
@@ -187,8 +200,11 @@ class Daemon:
     def _keeper_changed(self) -> None:
         uplink = getattr(self, "readings_uplink", None)
         if uplink is not None:
-            uplink.set_telemetry_allowed(self.keeper.telemetry_allowed())
+            uplink.set_telemetry_allowed(self.keeper.telemetry_allowed()
+                                         and not self.decommissioner.active)
         self._changed.set()
+
+    gates_changed = _keeper_changed  # agent.decommission.Plant
 
     def _spawn(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
         backoff = Backoff(*self._restart)
@@ -224,13 +240,18 @@ class Daemon:
         if http is not None:
             await http.start()
 
-    async def _stop_uplinks(self) -> None:
+    async def stop_uplinks(self) -> None:
+        """The retained ``offline`` and disconnect; at most once (decommission, then stop)."""
+        if self._uplinks_stopped:
+            return
+        self._uplinks_stopped = True
         if self.readings_uplink is not self.mqtt:
             await self.readings_uplink.stop()
         await self.mqtt.stop()  # the retained "offline"
 
     def _publish_result(self, result: Result) -> None:
         self.mqtt.publish_result(result)
+        self.decommissioner.note_result()
 
     def uplink_state(self) -> dict[str, Any]:
         stats = self.readings_uplink.stats
@@ -340,6 +361,9 @@ class Daemon:
         if session is None:
             raise ModemError("no modem")
         return await session.reset()
+
+    def decommission(self) -> str:
+        return self.decommissioner.begin()
 
     async def in_store(self, fn: Callable[[], Any]) -> Any:
         return await self.store.run(fn)

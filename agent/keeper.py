@@ -276,12 +276,20 @@ class SimKeeper:
         self._backoff.reset()
         self._kick()
 
-    def decommission(self) -> None:
-        """The contract ended: radio off for good, lifecycle ``terminated``; the SIM goes back."""
+    def decommission(self, *, announce: bool = True) -> None:
+        """The contract ended: radio off for good, lifecycle ``terminated``; the SIM goes back.
+        ``announce=False``: the caller (:mod:`agent.decommission`) emitted the event itself."""
         lc = self._sim.current()
         lc.decommission()
-        self._emit("decommissioned", iccid=lc.iccid,
-                   message="decommissioned: return the SIM")
+        if announce:
+            self._emit("decommissioned", iccid=lc.iccid,
+                       message="decommissioned: return the SIM")
+        self._kick()
+
+    def retire(self) -> None:
+        """The gateway was decommissioned: radio off (``+CFUN=0``) and no activation for any
+        SIM in the slot, re-applied every round, until this process ends."""
+        self._sim.retired = True
         self._kick()
 
     def clear_malfunction(self) -> bool:

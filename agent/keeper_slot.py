@@ -63,6 +63,7 @@ class SimSlot:
         self.probing = False
         self._nm_tried: NmMode | None = None
         self.next_delay: float | None = None  # the last backoff delay chosen
+        self.retired = False  # decommissioned: radio off whatever SIM is in the slot
 
     @property
     def iccid(self) -> str | None:
@@ -83,6 +84,8 @@ class SimSlot:
     # -- what the rounds ask -----------------------------------------------------------------
 
     def may_emit(self) -> tuple[bool, str]:
+        if self.retired:
+            return False, "decommissioned"
         malfunction = self.guard.malfunction
         if malfunction is not None:
             return False, f"malfunction: {malfunction.get('reason')}"
@@ -214,6 +217,8 @@ class SimSlot:
         ok, why = self.may_emit()
         want = plan(lc.state if lc else None, lc.suspension if lc else None, may_emit=ok,
                     why_not=why, probing=self.probing)
+        if self.retired:
+            want = Want("off", True, "decommissioned")
         self.want = want
         await self.enforcer.apply_modem(modem, want)
         mode = want.nm_mode

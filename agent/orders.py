@@ -25,6 +25,7 @@ class Orders(Protocol):
 
     def state(self) -> dict[str, Any]: ...
     async def reset_modem(self) -> str: ...
+    def decommission(self) -> str: ...
     async def in_store(self, fn: Callable[[], Any]) -> Any: ...
 
 
@@ -48,8 +49,9 @@ def handlers(d: Orders) -> Mapping[str, Handler]:
         return "activation started"
 
     def decommission(_: dict[str, Any]) -> str:
-        keeper.decommission()
-        return "decommissioned: radio off; return the SIM"
+        # agent.decommission: this result goes up first, then the uplink stops, the identity
+        # keys are wiped and the radio goes off.
+        return d.decommission()
 
     def clear_malfunction(_: dict[str, Any]) -> str:
         if not keeper.clear_malfunction():

@@ -238,6 +238,8 @@ class AtChannel:
         finally:
             timer.cancel()
             self._waiter = self._prompt = None
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # failed by a detach while the write raised: seen, not lost
         lines = self._lines
         self._lines = []
         raise_for_final(cmd, final)
