@@ -159,7 +159,8 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from agent.fleet.simulate import Options, simulate
+    from agent.fleet.simulate import simulate
+    from agent.fleet.simulate_fleet import Options
 
     if args.n < 1 or args.wave < 1 or args.poll <= 0 or args.telemetry < 0 or args.sample < 0:
         raise UsageError("N and --wave must be >= 1, --poll > 0, --telemetry and --sample >= 0")

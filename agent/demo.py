@@ -15,17 +15,11 @@ import asyncio
 import contextlib
 import json
 import math
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,16 +29,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent import config
 from agent.batch import BatchError, decode_batch
 from agent.daemon import Daemon
+from agent.localbroker import BrokerError, LocalBroker
 from drivers.simulator import SimulatedModem, load_scenario
 
 DEMO_SCENARIO = Path(__file__).resolve().parent.parent / "drivers/simulator/scenarios/demo.toml"
 CLEAR = "\x1b[H\x1b[2J"
 DEVICE = "demo-gw"
 APP_TOPIC = "demo/room1"
-
-
-class DemoError(Exception):
-    """The demo cannot run here (the message says what to install)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,60 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(demo(args.scenario, args.interval, args.duration, sys.stdout))
-    except DemoError as exc:
+    except BrokerError as exc:
         print(f"simkeeper demo: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto")
-    if found is None and os.access("/usr/sbin/mosquitto", os.X_OK):
-        found = "/usr/sbin/mosquitto"
-    if found is None:
-        raise DemoError("mosquitto not found on PATH or in /usr/sbin; install it"
-                        " (`make deps`, or `sudo apt-get install mosquitto`)")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _broker(directory: Path) -> Iterator[int]:
-    """A throwaway mosquitto on a free loopback port."""
-    binary = mosquitto_binary()
-    port = _free_port()
-    conf = directory / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "log_dest stderr\nlog_type error\n"
-                    + ("user root\n" if os.geteuid() == 0 else ""))
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        _wait_listening(proc, port)
-        yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _wait_listening(proc: subprocess.Popen[bytes], port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            raise DemoError(f"mosquitto exited at start: {err or proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.05)
-    raise DemoError(f"mosquitto is not listening on port {port} after 10 s")
 
 
 class _Watcher:
@@ -193,8 +134,9 @@ async def _sample_app(path: Path) -> None:
 
 async def demo(scenario: Path, interval: float, duration: float, out: TextIO) -> None:
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="simkeeper-demo-") as tmp, _broker(Path(tmp)) as port:
-        directory = Path(tmp)
+    with (tempfile.TemporaryDirectory(prefix="simkeeper-demo-") as tmp,
+          LocalBroker(Path(tmp), ["persistence false"]) as broker):
+        directory, port = Path(tmp), broker.port
         link = directory / "modem"
         async with SimulatedModem(scenario=load_scenario(scenario), link=link):
             cfg = config.parse(

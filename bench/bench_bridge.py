@@ -41,10 +41,12 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.localbroker import LocalBroker, end_process, find_mosquitto
+from tests.broker import wait_until
 
 N_DEFAULT = 20_000
 DEVICE = "bench-gw"
@@ -77,88 +79,18 @@ def _agent_cmd() -> list[str]:
     return [sys.executable, "-m", "agent.cli"]
 
 
-def mosquitto_path() -> str | None:
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up waiting for {what}")
-        time.sleep(0.005)
-
-
-def _kill(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 # -- mosquitto --------------------------------------------------------------------------------
 
 
-class Mosquitto:
-    """One mosquitto with a config of its own, on a fixed port: started, stopped, SIGKILLed and
-    started again on the same port and persistence directory."""
-
-    def __init__(self, binary: str, directory: Path, port: int, extra: list[str]) -> None:
-        self.binary, self.port = binary, port
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config = directory / "mosquitto.conf"
-        lines = [f"listener {port} 127.0.0.1", "allow_anonymous true",
-                 "log_dest stderr", "log_type error", *extra]
-        if os.geteuid() == 0:
-            lines.append("user root")
-        self.config.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> float:
-        """Start it; returns the wall-clock time it was first seen listening."""
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def listening() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited at start ({self.config})")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            except OSError:
-                return False
-            return True
-
-        wait_until(listening, f"mosquitto on port {self.port}")
-        return time.time()
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        _kill(self.proc, sig)
-        self.proc = None
-
-
-def cloud_broker(binary: str, directory: Path) -> Mosquitto:
-    return Mosquitto(binary, directory, free_port(), [
+def cloud_broker(binary: str, directory: Path) -> LocalBroker:
+    return LocalBroker(directory, [
         "persistence true", f"persistence_location {directory}/",
         "max_queued_messages 0", "max_queued_bytes 0", "max_inflight_messages 1000",
-    ])
+    ], binary=binary)
 
 
-def bridge_broker(binary: str, directory: Path, cloud_port: int) -> Mosquitto:
-    return Mosquitto(binary, directory, free_port(), [
+def bridge_broker(binary: str, directory: Path, cloud_port: int) -> LocalBroker:
+    return LocalBroker(directory, [
         "persistence true", f"persistence_location {directory}/",
         f"autosave_interval {BRIDGE_AUTOSAVE}",
         "max_queued_messages 0", "max_queued_bytes 0",
@@ -166,7 +98,7 @@ def bridge_broker(binary: str, directory: Path, cloud_port: int) -> Mosquitto:
         "connection cloud", f"address 127.0.0.1:{cloud_port}", "topic # out 1",
         "cleansession false", f"clientid bench-bridge-{cloud_port}",
         "restart_timeout 1 1", "bridge_protocol_version mqttv311", "try_private false",
-    ])
+    ], binary=binary)
 
 
 # -- what reaches the cloud -------------------------------------------------------------------
@@ -177,7 +109,7 @@ class Sink:
     arrives and its arrival time (stamped by mosquitto_sub). Agent batches are decoded
     (zlib or JSON); a bridged message's id is its ``seq``."""
 
-    def __init__(self, cloud: Mosquitto) -> None:
+    def __init__(self, cloud: LocalBroker) -> None:
         self.cloud = cloud
         self.client_id = f"bench-sink-{cloud.port}"
         self.arrivals: list[tuple[float, str]] = []
@@ -217,7 +149,7 @@ class Sink:
                 self.arrivals.extend((at, i) for i in ids)
 
     def detach(self) -> None:
-        _kill(self.proc)
+        end_process(self.proc)
         if self.reader is not None:
             self.reader.join(10)
         self.proc = self.reader = None
@@ -282,10 +214,10 @@ class Agent:
                 return True
             return False
 
-        wait_until(ready, "the agent's ingest socket")
+        wait_until(ready, WAIT, "the agent's ingest socket")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        _kill(self.proc, sig)
+        end_process(self.proc, sig)
         self.proc = None
 
 
@@ -388,7 +320,7 @@ class Contender:
     stop: Callable[[int], None]
 
 
-def one_round(contender: Contender, cloud: Mosquitto, sink: Sink, n: int, *,
+def one_round(contender: Contender, cloud: LocalBroker, sink: Sink, n: int, *,
               kill: bool) -> Round:
     result = Round(contender.name)
     contender.start()
@@ -401,12 +333,13 @@ def one_round(contender: Contender, cloud: Mosquitto, sink: Sink, n: int, *,
             contender.stop(signal.SIGKILL)  # right after the last ack
             contender.start()
         time.sleep(max(0.0, started + OUTAGE - time.perf_counter()))
-        up = cloud.start()
+        cloud.start(WAIT)
+        up = time.time()
         sink.attach()
         if kill:  # wait for all, or until nothing new arrives
-            wait_until(lambda: sink.unique() >= len(ids) or _quiet(sink, up), "the drain")
+            wait_until(lambda: sink.unique() >= len(ids) or _quiet(sink, up), WAIT, "the drain")
         else:
-            wait_until(lambda: sink.unique() >= len(ids), "the drain", timeout=120)
+            wait_until(lambda: sink.unique() >= len(ids), 120, "the drain")
         time.sleep(0.3)  # late duplicates
     finally:
         contender.stop(signal.SIGTERM)
@@ -436,10 +369,10 @@ def _quiet(sink: Sink, up: float) -> bool:
 
 
 @contextlib.contextmanager
-def _cloud(binary: str, directory: Path) -> Iterator[tuple[Mosquitto, Sink]]:
+def _cloud(binary: str, directory: Path) -> Iterator[tuple[LocalBroker, Sink]]:
     cloud = cloud_broker(binary, directory / "cloud")
     sink = Sink(cloud)
-    cloud.start()
+    cloud.start(WAIT)
     sink.register()
     cloud.stop()  # down: the outage begins
     try:
@@ -462,7 +395,7 @@ def run_agent(binary: str, directory: Path, n: int) -> list[Round]:
                                       functools.partial(feed_agent, agent.socket), agent.stop)
                 rounds.append(one_round(contender, cloud, sink, n, kill=kill))
     finally:
-        _kill(sim)
+        end_process(sim)
     return rounds
 
 
@@ -473,7 +406,7 @@ def run_bridge(binary: str, directory: Path, n: int) -> list[Round]:
         work.mkdir()
         with _cloud(binary, work) as (cloud, sink):
             bridge = bridge_broker(binary, work / "bridge", cloud.port)
-            contender = Contender("mosquitto bridge", bridge.start,
+            contender = Contender("mosquitto bridge", functools.partial(bridge.start, WAIT),
                                   functools.partial(feed_bridge, bridge.port), bridge.stop)
             rounds.append(one_round(contender, cloud, sink, n, kill=kill))
     return rounds
@@ -522,7 +455,7 @@ def report(n: int, agent: list[Round], bridge: list[Round]) -> None:
 
 
 def _mosquitto_version() -> str:
-    binary = mosquitto_path()
+    binary = find_mosquitto()
     if binary is None:
         return "?"
     out = subprocess.run([binary, "-h"], capture_output=True, text=True, check=False).stdout
@@ -531,7 +464,7 @@ def _mosquitto_version() -> str:
 
 
 def main(n: int | None = None) -> None:
-    binary = mosquitto_path()
+    binary = find_mosquitto()
     if binary is None or shutil.which("mosquitto_sub") is None:
         print("skipped: mosquitto and mosquitto_sub are needed (make deps installs them)")
         return

@@ -18,7 +18,9 @@ from __future__ import annotations
 import time
 
 from agent.fleet.mqtt import FleetError
-from agent.fleet.simulate import Options, mosquitto_binary, simulate
+from agent.fleet.simulate import simulate
+from agent.fleet.simulate_fleet import Options
+from agent.localbroker import BrokerError, mosquitto_binary
 
 SIZES = (100, 1000)
 BUDGET = 180.0  # seconds for the largest size, roughly
@@ -27,7 +29,7 @@ BUDGET = 180.0  # seconds for the largest size, roughly
 def main() -> None:
     try:
         mosquitto_binary()
-    except FleetError as exc:
+    except BrokerError as exc:
         print(f"skipped: {exc}")
         return
     took: dict[int, float] = {}

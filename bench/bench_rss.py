@@ -27,15 +27,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.bench_bridge import (
-    Agent,
-    Mosquitto,
-    _kill,
-    agent_config,
-    free_port,
-    mosquitto_path,
-    start_simulator,
-)
+from agent.localbroker import LocalBroker, end_process, find_mosquitto
+from bench.bench_bridge import Agent, agent_config, start_simulator
 
 GOAL_MB = 30.0
 TOPIC = "bench/rss"
@@ -78,7 +71,7 @@ async def _trickle(path: Path, rate: float, seconds: float, samples: list[int],
 
 
 def measure(directory: Path, binary: str, seconds: float, rate: float) -> dict[str, object]:
-    broker = Mosquitto(binary, directory / "broker", free_port(), ["persistence false"])
+    broker = LocalBroker(directory / "broker", ["persistence false"], binary=binary)
     sim, modem = start_simulator(directory)
     broker.start()
     agent = Agent(agent_config(directory, modem, broker.port, UPLINK), directory)
@@ -93,14 +86,14 @@ def measure(directory: Path, binary: str, seconds: float, rate: float) -> dict[s
     finally:
         agent.stop(signal.SIGTERM)
         broker.stop()
-        _kill(sim)
+        end_process(sim)
     return {"start": at_start, "samples": samples, "hwm": hwm, "sent": sent}
 
 
 def loaded_modules(directory: Path, binary: str) -> list[str]:
     """Every module the daemon imports, in the order each finished importing (dependencies
     before their importers), from a start under ``-X importtime`` that runs a few seconds."""
-    broker = Mosquitto(binary, directory / "broker-it", free_port(), ["persistence false"])
+    broker = LocalBroker(directory / "broker-it", ["persistence false"], binary=binary)
     sim, modem = start_simulator(directory)
     broker.start()
     work = directory / "importtime"
@@ -113,9 +106,9 @@ def loaded_modules(directory: Path, binary: str) -> list[str]:
     try:
         time.sleep(8)  # started, connected, the modem session up
     finally:
-        _kill(proc)
+        end_process(proc)
         broker.stop()
-        _kill(sim)
+        end_process(sim)
     assert proc.stderr is not None
     names = []
     for line in proc.stderr.read().splitlines():
@@ -165,7 +158,7 @@ def importers(directory: Path, binary: str) -> None:
 
 
 def main() -> None:
-    binary = mosquitto_path()
+    binary = find_mosquitto()
     if binary is None:
         print("skipped: mosquitto is not installed (make deps installs it)")
         return

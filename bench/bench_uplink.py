@@ -9,8 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from agent.localbroker import find_mosquitto
 from agent.uplink import MqttUplink
-from tests.broker import Broker, Relay, fill, mosquitto_path, open_outbox, until, uplink_settings
+from tests.broker import Broker, Relay, fill, open_outbox, until, uplink_settings
 
 READINGS = 5000
 # A typical sensor reading's data, as apps send it (about 60 bytes of JSON).
@@ -62,7 +63,7 @@ async def _run(binary: str) -> None:
 
 
 def main() -> None:
-    binary = mosquitto_path()
+    binary = find_mosquitto()
     if binary is None:
         print("skipped: mosquitto is not installed (make deps installs it)")
         return

@@ -1,8 +1,9 @@
 """A real mosquitto for the tests, a test PKI, a collecting subscriber, and TCP helpers.
 
 ``Broker`` runs mosquitto on a free loopback port with a temporary config (no persistence)
-and can be stopped, SIGKILLed and restarted on the same port. ``make_pki`` builds a CA, a
-server and a client certificate, and a client certificate from another CA. ``Subscriber`` is
+and can be stopped, SIGKILLed and restarted on the same port (an agent.localbroker.LocalBroker).
+``make_pki`` builds a CA, a server and a client certificate, and a client certificate from
+another CA (``certificate`` and ``write_pem`` make more). ``Subscriber`` is
 a paho client on its own thread that records every message. ``Relay`` sits between the
 uplink and the broker (pause, sever, sniff CONNECT, count bytes); ``Kicker`` accepts MQTT
 connections and drops them right after CONNACK.
@@ -15,11 +16,7 @@ import contextlib
 import dataclasses
 import datetime
 import ipaddress
-import os
-import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -36,23 +33,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.batch import decode_batch
 from agent.config import UplinkConfig
+from agent.localbroker import LocalBroker
 from agent.outbox import Outbox
 from agent.store import Store
 
 WAIT = 30.0  # upper bound of every wait: a failure, never a speed requirement
-
-
-def mosquitto_path() -> str | None:
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, what: str = "") -> None:
@@ -77,11 +62,11 @@ class Pki:
     rogue_key: Path
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
+def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _cert(
+def certificate(
     subject: str,
     key: ec.EllipticCurvePrivateKey,
     issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
@@ -89,6 +74,8 @@ def _cert(
     ca: bool = False,
     server: bool = False,
 ) -> x509.Certificate:
+    """``subject``'s certificate for ``key``, signed by ``issuer`` (its name and key) or by
+    itself: a CA's, a server's (for localhost and 127.0.0.1) or a client's."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     issuer_name, issuer_key = issuer or (name, key)
     now = datetime.datetime.now(datetime.UTC)
@@ -119,7 +106,8 @@ def _cert(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Path:
+def write_pem(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Path:
+    """``path``.pem and ``path``.key (mode 0600); returns the certificate's path."""
     path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path = path.with_suffix(".key")
     key_path.write_bytes(
@@ -134,20 +122,22 @@ def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) 
 
 
 def make_pki(directory: Path) -> Pki:
-    ca_key, rogue_ca_key = _key(), _key()
-    ca = _cert("simkeeper test CA", ca_key, None, ca=True)
-    rogue_ca = _cert("someone else's CA", rogue_ca_key, None, ca=True)
-    ca_path = _write(directory / "ca", ca, ca_key)
-    server_key, client_key, rogue_key = _key(), _key(), _key()
-    _write(
+    ca_key, rogue_ca_key = new_key(), new_key()
+    ca = certificate("simkeeper test CA", ca_key, None, ca=True)
+    rogue_ca = certificate("someone else's CA", rogue_ca_key, None, ca=True)
+    ca_path = write_pem(directory / "ca", ca, ca_key)
+    server_key, client_key, rogue_key = new_key(), new_key(), new_key()
+    write_pem(
         directory / "server",
-        _cert("localhost", server_key, (ca.subject, ca_key), server=True),
+        certificate("localhost", server_key, (ca.subject, ca_key), server=True),
         server_key,
     )
-    _write(directory / "client", _cert("gw-test", client_key, (ca.subject, ca_key)), client_key)
-    _write(
+    write_pem(
+        directory / "client", certificate("gw-test", client_key, (ca.subject, ca_key)), client_key
+    )
+    write_pem(
         directory / "rogue",
-        _cert("gw-test", rogue_key, (rogue_ca.subject, rogue_ca_key)),
+        certificate("gw-test", rogue_key, (rogue_ca.subject, rogue_ca_key)),
         rogue_key,
     )
     return Pki(
@@ -164,70 +154,17 @@ def make_pki(directory: Path) -> Pki:
 # -- the broker -------------------------------------------------------------------------------
 
 
-class Broker:
+class Broker(LocalBroker):
     """mosquitto on 127.0.0.1:``port``; with ``pki``, TLS with required client certificates."""
 
     def __init__(self, binary: str, directory: Path, pki: Pki | None = None) -> None:
-        self.binary = binary
-        self.port = free_port()
         self.tls = pki is not None
-        self.config = directory / f"mosquitto-{self.port}.conf"
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            "persistence false",
-            "log_dest stderr",
-            "log_type error",
-        ]
-        if os.geteuid() == 0:
-            lines.append("user root")  # or mosquitto drops to a user that cannot read the keys
-        if pki:
-            lines += [
-                f"cafile {pki.ca}",
-                f"certfile {pki.server_cert}",
-                f"keyfile {pki.server_key}",
-                "require_certificate true",
-            ]
-        self.config.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen[bytes] | None = None
+        tls = [f"cafile {pki.ca}", f"certfile {pki.server_cert}", f"keyfile {pki.server_key}",
+               "require_certificate true"] if pki else []
+        super().__init__(directory, ["persistence false", *tls], binary=binary)
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-
-        def listening() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited at start: {err.strip()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            except OSError:
-                return False
-            return True
-
-        wait_until(listening, what=f"mosquitto on port {self.port}")
-
-    def _end(self, sig: int) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(WAIT)
-        if self.proc and self.proc.stderr:
-            self.proc.stderr.close()
-        self.proc = None
-
-    def stop(self) -> None:
-        self._end(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._end(signal.SIGKILL)
-
-    def restart(self, *, kill: bool = True) -> None:
-        self.kill() if kill else self.stop()
-        self.start()
+    def start(self, timeout: float = WAIT) -> None:
+        super().start(timeout)
 
 
 # -- a collecting subscriber ------------------------------------------------------------------

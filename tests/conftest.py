@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import Broker, Pki, make_pki, mosquitto_path
+from agent.localbroker import find_mosquitto
+from tests.broker import Broker, Pki, make_pki
 
 
 @pytest.fixture(scope="session")
 def mosquitto() -> str:
-    path = mosquitto_path()
+    path = find_mosquitto()
     if path is None:
         pytest.skip("mosquitto is not installed (make deps installs it)")
     return path

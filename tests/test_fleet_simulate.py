@@ -13,17 +13,10 @@ import pytest
 
 from agent.cli import main
 from agent.fleet.mqtt import FleetError
-from agent.fleet.simulate import (
-    Fleet,
-    LocalBroker,
-    Observer,
-    Options,
-    Report,
-    check_capacity,
-    device_id,
-    iccid,
-    measure_storm,
-)
+from agent.fleet.simulate import check_capacity, fleet_broker
+from agent.fleet.simulate_fleet import Fleet, Options, device_id, iccid
+from agent.fleet.simulate_report import Observer, Report, measure_storm
+from agent.localbroker import LocalBroker
 from tests.broker import Subscriber, until
 
 N = 3
@@ -33,8 +26,8 @@ N = 3
 async def fleet(mosquitto: str, tmp_path: Path) -> AsyncIterator[tuple[Fleet, LocalBroker,
                                                                         Observer]]:
     del mosquitto  # only its presence: LocalBroker finds the binary itself
-    broker = LocalBroker(tmp_path)
-    await broker.start()
+    broker = fleet_broker(tmp_path)
+    await broker.start_async()
     observer = Observer("127.0.0.1", broker.port, "simkeeper")
     observer.start()
     opts = Options(n=N, telemetry=0.0, wave=2, reconnect_max=4.0)

@@ -3,19 +3,15 @@
 The test starts mosquitto with packaging/mosquitto/simkeeper.conf and simkeeper.acl as
 shipped; only the certificate and ACL paths and the listener port are rewritten, plus what a
 test run needs (no persistence, log to stderr, stay root to read the temporary keys). The PKI
-is made here with ``cryptography``: a fleet CA, the broker's certificate, devices gw-A and gw-B,
-the operator, and a "gw-A" certificate from another CA.
+is made here (with tests.broker's certificate helpers): a fleet CA, the broker's certificate,
+devices gw-A and gw-B, the operator, and a "gw-A" certificate from another CA.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import re
-import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,12 +22,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.broker import free_port, wait_until
+from agent.localbroker import LocalBroker, free_port
+from tests.broker import WAIT, certificate, new_key, wait_until, write_pem
 
 PACKAGING = Path(__file__).resolve().parent.parent / "packaging" / "mosquitto"
 OPERATOR = "simkeeper-operator"
@@ -41,10 +36,6 @@ QUIET = 1.0  # how long "nothing arrives" is watched after a marker that did arr
 # -- PKI ------------------------------------------------------------------------------------
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
 def _issue(
     cn: str,
     issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
@@ -52,34 +43,8 @@ def _issue(
     ca: bool = False,
     server: bool = False,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    issuer_name, issuer_key = issuer or (_name(cn), key)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
-        )
-    else:
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256()), key
+    key = new_key()
+    return certificate(cn, key, issuer, ca=ca, server=server), key
 
 
 @dataclass(frozen=True)
@@ -90,13 +55,8 @@ class Identity:
 
 def _save(directory: Path, name: str, cert: x509.Certificate,
           key: ec.EllipticCurvePrivateKey) -> Identity:
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    return Identity(cert_path, key_path)
+    cert_path = write_pem(directory / name, cert, key)
+    return Identity(cert_path, cert_path.with_suffix(".key"))
 
 
 @dataclass
@@ -133,7 +93,7 @@ def fleet(mosquitto: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     directory = tmp_path_factory.mktemp("fleet")
     ca_cert, ca_key = _issue("simkeeper fleet CA", None, ca=True)
     other_cert, other_key = _issue("another CA", None, ca=True)
-    (directory / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _save(directory, "ca", ca_cert, ca_key)
     fleet_ca = (ca_cert.subject, ca_key)
     _save(directory, "server", *_issue("localhost", fleet_ca, server=True))
     port = free_port()
@@ -142,28 +102,12 @@ def fleet(mosquitto: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         fleet.ids[cn] = _save(directory, cn, *_issue(cn, fleet_ca))
     fleet.ids["rogue"] = _save(directory, "rogue",
                                *_issue("gw-A", (other_cert.subject, other_key)))
-    config = _config(directory, port)
-    proc = subprocess.Popen([mosquitto, "-c", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-
-    def listening() -> bool:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"mosquitto refused packaging/mosquitto/simkeeper.conf: {err}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    wait_until(listening, what="mosquitto with the packaged config")
+    broker = LocalBroker(directory, binary=mosquitto, config=_config(directory, port), port=port)
+    broker.start(WAIT)
     try:
         yield fleet
     finally:
-        proc.terminate()
-        proc.wait(10)
-        if proc.stderr:
-            proc.stderr.close()
+        broker.stop()
 
 
 # -- clients --------------------------------------------------------------------------------

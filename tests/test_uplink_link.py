@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, parse
+from agent.localbroker import free_port
 from agent.uplink import MqttUplink
 from tests.broker import (
     Broker,
     Kicker,
     Pki,
     Subscriber,
-    free_port,
     open_outbox,
     until,
     uplink_settings,
