@@ -294,12 +294,15 @@ class _Server:
 
 class Relay(_Server):
     """Forwards to ``127.0.0.1:upstream``. ``paused``: new connections are closed at once.
+    ``hold_up``: what clients send is dropped on the way up (packets lost in the network), so
+    the broker acknowledges nothing more while what it already has can still reach others.
     ``refuse_mqtt5``: an MQTT 5 CONNECT gets the 3.1.1 "unacceptable protocol" CONNACK, as
     from a 3.1.1-only broker. Records each CONNECT's protocol level and counts bytes."""
 
     def __init__(self, upstream: int, *, refuse_mqtt5: bool = False) -> None:
         self.upstream = upstream
         self.paused = False
+        self.hold_up = False
         self.refuse_mqtt5 = refuse_mqtt5
         self.levels: list[int | None] = []
         self.bytes_up = 0
@@ -330,6 +333,8 @@ class Relay(_Server):
     ) -> None:
         try:
             while data := src.recv(65536):
+                if up and self.hold_up:
+                    continue
                 dst.sendall(data)
                 if up:
                     self.bytes_up += len(data)

@@ -88,10 +88,21 @@ async def test_broker_killed_repeatedly_mid_stream_loses_nothing(
     uplink = await start(running, MqttUplink(settings, "gw-test", outbox, window=4))
     ids: list[str] = []
     kills = 4
+
+    def acked_reached_subscriber() -> bool:
+        waiting = {r.id for r in outbox.next_batch("telemetry", 1 << 20, 1 << 40)}
+        return set(ids) - waiting <= {r["id"] for r in sub.readings()}
+
     try:
         for _ in range(kills):
             ids += fill(outbox, 300)
             await until(lambda: outbox.depth()[0] < 200, "part of the backlog to go")
+            # The broker has no persistence: what it acknowledged but had not yet passed on
+            # would die with it, a loss of the test's cloud, not of the agent. So let what it
+            # acknowledged reach the subscriber while the batches in flight stay unacknowledged,
+            # then kill it.
+            relay.hold_up = True
+            await until(acked_reached_subscriber, "acknowledged readings to reach the subscriber")
             relay.paused = True
             seen = sub.subscriptions
             broker.kill()  # SIGKILL: in-flight batches never get their PUBACK
@@ -101,7 +112,7 @@ async def test_broker_killed_repeatedly_mid_stream_loses_nothing(
                 return sub.subscriptions > before
 
             await until(resubscribed, "the subscriber to come back")
-            relay.paused = False
+            relay.paused = relay.hold_up = False
         await until(lambda: outbox.depth() == (0, 0), "the outbox to drain")
         await until(lambda: {r["id"] for r in sub.readings()} >= set(ids), "every reading")
     finally:
