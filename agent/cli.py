@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "publish": ("agent.cmd_publish", "hand a reading to the running agent"),
     "run": ("agent.cmd_run", "the daemon (systemd Type=notify)"),
     "status": ("agent.cmd_status", "the running agent's state"),
+    "wipe-identity": ("agent.cmd_wipe", "root: wipe a decommissioned gateway's identity keys"),
     "provision": ("agent.cmd_provision", "factory: CA, device identities, bundles, batches"),
     "fleet": ("agent.cmd_fleet", "operator: sign and send commands, watch devices"),
 }

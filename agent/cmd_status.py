@@ -24,6 +24,8 @@ from agent import config
 
 HEARTBEAT = 60.0  # the daemon writes its heartbeat at most this often (agent.daemon)
 STALE = 3 * HEARTBEAT + 30  # no heartbeat for this long: the agent hangs or died unseen
+MARKER = "decommission"  # agent.decommission.MARKER (not imported: status stays light)
+WIPE_REQUEST = "wipe-requested"  # agent.decommission.WIPE_REQUEST, beside the database
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         status = read_status(path, cfg.device_id)
     except sqlite3.Error as exc:
         return _fail(1, f"cannot read {path}: {exc}")
-    print(json.dumps(status) if args.json else render(status))
+    requested = (path.parent / WIPE_REQUEST).exists()
+    print(json.dumps(status) if args.json else render(status, wipe_requested=requested))
     if not status["running"]:
         return _fail(1, f"the agent is not running: {status['reason']}")
     return 0
@@ -76,6 +79,7 @@ def read_status(path: Path, device_id: str, now: float | None = None) -> dict[st
             r: {"count": c, "bytes": b}
             for r, c, b in db.execute("SELECT reason, count, bytes FROM outbox_drops")
         }
+        marker = db.execute("SELECT value FROM meta WHERE key = ?", (MARKER,)).fetchone()
     finally:
         db.close()
     pid, started, heartbeat, stopped, modems, uplink, usage, sims = row or (None,) * 8
@@ -94,6 +98,7 @@ def read_status(path: Path, device_id: str, now: float | None = None) -> dict[st
         "sims": _sims(modems, usage, sims),
         "modems": modems,
         "uplink": json.loads(uplink) if uplink else None,
+        "decommissioned": _decommissioned(marker[0]) if marker else None,
         "outbox": {
             "count": sum(d["count"] for d in depth.values()),
             "bytes": sum(d["bytes"] for d in depth.values()),
@@ -127,6 +132,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _decommissioned(value: str) -> dict[str, Any]:
+    """The decommission marker (agent.decommission): when, which SIM, whether the identity
+    keys are gone (the marker completed and nothing left unwiped) and which are not."""
+    try:
+        marker = json.loads(value)
+    except ValueError:
+        marker = None
+    if not isinstance(marker, dict):  # unreadable: still decommissioned (the agent fails closed)
+        marker = {}
+    at, iccid = marker.get("at"), marker.get("iccid")
+    not_wiped = marker.get("not_wiped")
+    not_wiped = sorted(not_wiped) if isinstance(not_wiped, dict | list) else []
+    return {
+        "at": at if isinstance(at, int | float) else None,
+        "iccid": iccid if isinstance(iccid, str) else None,
+        "wiped": marker.get("completed_at") is not None and not not_wiped,
+        "not_wiped": not_wiped,
+    }
+
+
 def _sims(modems: list[dict[str, Any]], usage: list[dict[str, Any]],
           keeper: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every SIM known (to the keeper, in a modem, or metered): its lifecycle summary
@@ -142,13 +167,15 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
 
 
-def render(status: dict[str, Any]) -> str:
+def render(status: dict[str, Any], *, wipe_requested: bool = False) -> str:
     rows = [("device", status["device_id"])]
     if status["running"]:
         since = _when(status["started_at"])
         rows.append(("agent", f"running (pid {status['pid']}, since {since})"))
     else:
         rows.append(("agent", f"not running: {status['reason']}"))
+    if (gone := status["decommissioned"]) is not None:
+        rows.append(("", _decommission_line(gone, wipe_requested)))
     for sim in status["sims"]:
         rows.append(("sim", f"{sim['iccid']}: {_lifecycle(sim['lifecycle'])}"))
         rows.append(("", f"usage: {_usage(sim['usage'])}"))
@@ -172,6 +199,19 @@ def render(status: dict[str, Any]) -> str:
     waiting = f"{box['count']} readings waiting ({box['bytes']} B)"
     rows.append(("outbox", f"{waiting}, {dropped} dropped"))
     return "\n".join(f"{label:<10} {text}" for label, text in rows)
+
+
+def _decommission_line(gone: dict[str, Any], requested: bool) -> str:
+    at = _when(gone["at"]) if gone["at"] is not None else "an unknown time"
+    sim = f" (SIM {gone['iccid']})" if gone["iccid"] else ""
+    text = f"decommissioned at {at}{sim}: "
+    if gone["wiped"]:
+        return text + "identity keys wiped"
+    if not gone["not_wiped"]:
+        return text + "identity keys not wiped yet (decommission under way)"
+    then = "waiting for simkeeper-wipe (root)" if requested else \
+        "run `simkeeper wipe-identity` as root"
+    return text + f"identity keys NOT wiped: {', '.join(gone['not_wiped'])}; {then}"
 
 
 def _usage(report: dict[str, Any] | None) -> str:

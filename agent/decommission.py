@@ -27,7 +27,20 @@ of the returned SIM stay (its lifecycle stays ``terminated``).
 
 A start refused with an unfinished marker (the agent was killed between the two parts) first
 finishes what needs no modem or broker: the keys are wiped and the SIM's record is marked
-``terminated``.
+``terminated``. :func:`preflight` is that check without the start (``simkeeper run
+--preflight``, the unit's ``ExecCondition=``): a decommissioned gateway's unit is skipped, not
+restarted.
+
+**Keys the agent may not wipe.** Under the packaged unit the agent runs as ``simkeeper`` and the
+identity is ``root:simkeeper`` (directory 0750, keys 0640): it can read the keys, not remove
+them. What it cannot wipe it records in the marker (``not_wiped``) and asks root to wipe
+(:func:`request_wipe`): the marker, as JSON, in ``wipe-requested`` beside the database (the
+unit's ``StateDirectory=``). ``simkeeper-wipe.path`` sees the file and starts
+``simkeeper-wipe.service`` (root, no network), which runs ``simkeeper wipe-identity``
+(:mod:`agent.cmd_wipe`): :func:`complete` as root, then the request is removed. The request
+only triggers: what is wiped comes from root's config and the marker in the database, never
+from the file, and nothing is wiped once the gateway was re-provisioned. When the agent can
+wipe (run as root, or a bundle it owns) it does so itself and writes no request.
 """
 
 from __future__ import annotations
@@ -59,6 +72,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "decommission"
 HISTORY = "decommission.history"
+WIPE_REQUEST = "wipe-requested"  # beside the database; packaging/simkeeper-wipe.path watches it
 BUNDLE_META = "bundle.json"  # provisioning.bundle.META: the config sits in a provisioned bundle
 BUNDLE_CERT = "device.pem"
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
@@ -222,35 +236,60 @@ def _save(store: Store, key: str, value: Any) -> None:
                    (key, json.dumps(value, sort_keys=True, separators=(",", ":"))))
 
 
-def _iso(ts: Any) -> str:
+def when(ts: Any) -> str:
+    """A marker's time, ISO 8601 UTC (``an unknown time`` when it has none)."""
     if not isinstance(ts, int | float):
         return "an unknown time"
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def check_start(store: Store, cfg: Config, config_path: Path | None) -> dict[str, Any] | None:
-    """Before anything starts: raise :class:`Decommissioned` while the marker holds and the
-    gateway was not re-provisioned (module docstring); the marker just cleared by a
-    re-provisioning, else None."""
+def reprovisioned(marker: dict[str, Any], cfg: Config, config_path: Path | None) -> str | None:
+    """The new certificate's fingerprint when the gateway was re-provisioned since ``marker``
+    (module docstring), else None."""
+    now_fp = fingerprint(identity_cert(cfg, config_path))
+    return now_fp if now_fp is not None and now_fp != marker.get("cert_sha256") else None
+
+
+def refusal(marker: dict[str, Any]) -> str:
+    """The one line a decommissioned gateway's start is refused with."""
+    return (f"decommissioned at {when(marker.get('at'))}; re-provision this gateway (simkeeper"
+            " provision device ... --force) to use it again")
+
+
+def preflight(store: Store, cfg: Config, config_path: Path | None) -> dict[str, Any] | None:
+    """May the agent start? Raise :class:`Decommissioned` while the marker holds and the
+    gateway was not re-provisioned, after finishing what an interrupted decommission left
+    (:func:`complete`; what cannot be wiped is requested from root). The marker when the
+    gateway was re-provisioned (left in place: :func:`check_start` moves it), else None."""
     marker = load_marker(store)
     if marker is None:
         return None
-    now_fp = fingerprint(identity_cert(cfg, config_path))
-    if now_fp is not None and now_fp != marker.get("cert_sha256"):
-        history = _history(store)
-        history.append({**marker, "reprovisioned_at": time.time(), "new_cert_sha256": now_fp})
-        with store.transaction() as db:  # one transaction: moved, never lost nor doubled
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                       (HISTORY, json.dumps(history, sort_keys=True, separators=(",", ":"))))
-            db.execute("DELETE FROM meta WHERE key = ?", (MARKER,))
-        log.warning("re-provisioned since the decommission at %s (new certificate %s):"
-                    " starting", _iso(marker.get("at")), now_fp[:16])
+    if reprovisioned(marker, cfg, config_path) is not None:
         return marker
     if marker.get("completed_at") is None or marker.get("not_wiped"):
         _finish_offline(store, cfg, config_path, marker)
-    raise Decommissioned(
-        f"decommissioned at {_iso(marker.get('at'))}; re-provision this gateway (simkeeper"
-        " provision device ... --force) to use it again")
+    raise Decommissioned(refusal(marker))
+
+
+def check_start(store: Store, cfg: Config, config_path: Path | None) -> dict[str, Any] | None:
+    """Before anything starts: raise :class:`Decommissioned` while the marker holds and the
+    gateway was not re-provisioned (:func:`preflight`); the marker just cleared by a
+    re-provisioning, else None."""
+    marker = preflight(store, cfg, config_path)
+    if marker is None:
+        return None
+    now_fp = reprovisioned(marker, cfg, config_path) or "?"
+    history = _history(store)
+    history.append({**marker, "reprovisioned_at": time.time(), "new_cert_sha256": now_fp})
+    with store.transaction() as db:  # one transaction: moved, never lost nor doubled
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                   (HISTORY, json.dumps(history, sort_keys=True, separators=(",", ":"))))
+        db.execute("DELETE FROM meta WHERE key = ?", (MARKER,))
+    with contextlib.suppress(OSError):  # a request left from the old identity is void now
+        wipe_request_path(cfg).unlink()
+    log.warning("re-provisioned since the decommission at %s (new certificate %s):"
+                " starting", when(marker.get("at")), now_fp[:16])
+    return marker
 
 
 def _history(store: Store) -> list[Any]:
@@ -262,9 +301,12 @@ def _history(store: Store) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _finish_offline(store: Store, cfg: Config, config_path: Path | None,
-                    marker: dict[str, Any]) -> None:
-    """What an interrupted decommission left, done without modem or broker."""
+def complete(store: Store, cfg: Config, config_path: Path | None,
+             marker: dict[str, Any]) -> dict[str, str]:
+    """What a decommission leaves to do without modem or broker: wipe the identity's keys
+    (:func:`key_files` of this config), mark the SIM ``terminated``, complete the marker in the
+    store. The keys not wiped, ``{path: why}`` (empty when all are gone). Used by a refused
+    start (as the agent) and by ``simkeeper wipe-identity`` (as root)."""
     wiped, failed = wipe(key_files(cfg, config_path))
     iccid = marker.get("iccid")
     if isinstance(iccid, str):
@@ -279,8 +321,56 @@ def _finish_offline(store: Store, cfg: Config, config_path: Path | None,
     marker.update(completed_at=marker.get("completed_at") or time.time(),
                   wiped=sorted(set(marker.get("wiped") or []) | set(wiped)), not_wiped=failed)
     _save(store, MARKER, marker)
+    return failed
+
+
+def _finish_offline(store: Store, cfg: Config, config_path: Path | None,
+                    marker: dict[str, Any]) -> None:
+    """What an interrupted decommission left, done without modem or broker; what the agent
+    may not wipe is requested from root."""
+    failed = complete(store, cfg, config_path, marker)
     if failed:
-        log.error("identity keys not wiped: %s", "; ".join(f"{p}: {w}" for p, w in failed.items()))
+        _report_not_wiped(failed, request_wipe(cfg, marker))
+
+
+def _report_not_wiped(failed: dict[str, str], request: Path | None) -> None:
+    why = "; ".join(f"{p}: {w}" for p, w in failed.items())
+    if request is not None:
+        log.warning("identity keys not wiped by the agent (%s): wipe requested from root"
+                    " (simkeeper-wipe.path) in %s", why, request)
+    else:
+        log.error("identity keys not wiped: %s", why)
+
+
+# -- the wipe request (root wipes what the agent may not) -----------------------------------
+
+
+def wipe_request_path(cfg: Config) -> Path:
+    """``wipe-requested`` beside the database (the unit's ``StateDirectory=``)."""
+    return cfg.store.path.parent / WIPE_REQUEST
+
+
+def request_wipe(cfg: Config, marker: dict[str, Any]) -> Path | None:
+    """Write the marker to :func:`wipe_request_path` (atomically: a path unit reacts to its
+    appearance); its path, None when it could not be written (logged)."""
+    path = wipe_request_path(cfg)
+    tmp = path.with_name(f".{WIPE_REQUEST}.tmp")
+    data = json.dumps(marker, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
+                     0o640)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.error("cannot request the wipe from root: %s: %s", path, exc.strerror or exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return None
+    return path
 
 
 # -- the order, in a running daemon -----------------------------------------------------------
@@ -330,7 +420,7 @@ class Decommissioner:
         under way already."""
         p = self._plant
         if self.marker is not None:
-            raise KeeperError(f"already decommissioned at {_iso(self.marker.get('at'))}")
+            raise KeeperError(f"already decommissioned at {when(self.marker.get('at'))}")
         cert = identity_cert(p.cfg, p.config_path)
         iccid = p.keeper.iccid
         marker = {"at": self._now(), "device_id": p.cfg.device_id, "iccid": iccid,
@@ -374,10 +464,12 @@ class Decommissioner:
             marker.update(completed_at=self._now(), wiped=wiped, not_wiped=failed)
             await p.store.run(_save, p.store, MARKER, marker)
             if failed:
-                log.error("decommissioned, but identity keys not wiped: %s",
-                          "; ".join(f"{k}: {v}" for k, v in failed.items()))
+                # Saved first: root's wipe completes the marker as stored, never overwritten.
+                request = await loop.run_in_executor(None, request_wipe, p.cfg, dict(marker))
+                _report_not_wiped(failed, request)
                 with contextlib.suppress(Exception):
-                    p.events.emit("decommission-incomplete", not_wiped=failed)
+                    p.events.emit("decommission-incomplete", not_wiped=failed,
+                                  wipe_requested=request is not None)
             else:
                 log.warning("decommissioned: %d key file(s) wiped, radio off", len(wiped))
         finally:

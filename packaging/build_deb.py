@@ -46,6 +46,8 @@ PLATFORMS = {
     "armhf": [*_manylinux("armv7l"), "linux_armv7l"],
 }
 SOURCES = ("pyproject.toml", "README.md", "agent", "drivers", "provisioning")
+# The agent, and root's wipe of a decommissioned gateway's keys (the path unit starts the oneshot).
+UNITS = ("simkeeper.service", "simkeeper-wipe.path", "simkeeper-wipe.service")
 
 
 class BuildError(Exception):
@@ -127,7 +129,8 @@ def stage(root: Path, arch: str, version: str, wheel_dir: Path) -> None:
             target.write_text(text)
         target.chmod(mode)
 
-    put(PACKAGING / "simkeeper.service", "lib/systemd/system/simkeeper.service")
+    for unit in UNITS:
+        put(PACKAGING / unit, f"lib/systemd/system/{unit}")
     put(PACKAGING / "udev" / "70-simkeeper.rules", "lib/udev/rules.d/70-simkeeper.rules")
     put(PACKAGING / "modules-load.d" / "simkeeper.conf", "usr/lib/modules-load.d/simkeeper.conf")
     put("", "etc/simkeeper/config.toml",

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from agent import decommission
 from agent.batch import decode_batch
@@ -99,8 +107,14 @@ async def test_decommission_end_to_end(tmp_path: Path, broker: Broker, pki: Pki)
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
         assert done.stderr.startswith("simkeeper run: decommissioned at ")
         assert "re-provision this gateway" in done.stderr
-        sims = (await agent.status())["sims"]
-        assert sims[0]["lifecycle"]["state"] == "terminated"
+        # The daemon ran as root here: it wiped the keys itself and asked nothing of root.
+        assert not (agent.database.parent / decommission.WIPE_REQUEST).exists()
+        assert (await agent.cli("run", "--preflight")).returncode == 1
+        status = await agent.status()
+        assert status["sims"][0]["lifecycle"]["state"] == "terminated"
+        gone = status["decommissioned"]
+        assert gone["wiped"] is True and gone["not_wiped"] == []
+        assert gone["iccid"] == status["sims"][0]["iccid"] and gone["at"] > 0
 
         # Re-provisioned: a new key and certificate in the bundle; it starts again.
         shutil.copy(pki.rogue_cert, gen / "device.pem")
@@ -207,3 +221,271 @@ def _der_sha256(path: Path) -> str:
     from cryptography.hazmat.primitives import hashes
 
     return x509.load_pem_x509_certificate(path.read_bytes()).fingerprint(hashes.SHA256()).hex()
+
+
+# -- keys the agent may not wipe: the request, root's wipe-identity, preflight, status --------
+
+AGENT_UID = AGENT_GID = 65534  # nobody/nogroup: the agent's user in the packaged unit
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[Path]:
+    """A scratch tree another uid can reach (pytest's tmp_path is root's own, 0700)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the agent runs as another user and root wipes (tests run"
+                    " as root in CI)")
+    top = Path(tempfile.mkdtemp(prefix="simkeeper-decommission-"))
+    top.chmod(0o755)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def packaged_layout(top: Path, pki: Pki) -> tuple[Path, Path, Path]:
+    """The packaged unit's files: the bundle root:agent 0750 with keys 0640 (readable, not
+    removable by the agent), a root-only request key, the agent's state directory; (config,
+    bundle, database)."""
+    gen, request_key = bundle(top, pki)
+    state = top / "var"
+    state.mkdir()
+    config = gen / "config.toml"
+    config.write_text(f'device_id = "{DEVICE}"\n[store]\npath = "{state / "simkeeper.db"}"\n'
+                      f'[ingest]\nsocket = "{state / "s.sock"}"\n')
+    os.chown(gen, 0, AGENT_GID)
+    gen.chmod(0o750)
+    for path in gen.iterdir():
+        os.chown(path, 0, AGENT_GID)
+        path.chmod(0o640 if path.suffix == ".key" else 0o644)
+    request_key.parent.chmod(0o700)
+    request_key.chmod(0o600)
+    (top / "etc").chmod(0o755)
+    return config, gen, state / "simkeeper.db"
+
+
+def decommissioned(config: Path, db: Path, **marker: Any) -> None:
+    """A decommission marker (part one done) in a database owned by the agent."""
+    cfg = parse(config.read_text())
+    store = Store(db)
+    try:
+        fp = decommission.fingerprint(decommission.identity_cert(cfg, config))
+        decommission._save(store, decommission.MARKER,
+                           {"at": 1_750_000_000, "cert_sha256": fp, "completed_at": None,
+                            "iccid": None, "wiped": [], "not_wiped": {}, **marker})
+    finally:
+        store.close()
+    for path in [db.parent, *db.parent.iterdir()]:
+        os.chown(path, AGENT_UID, AGENT_GID)
+    db.parent.chmod(0o750)
+
+
+def simkeeper(*args: str, agent: bool = False) -> subprocess.CompletedProcess[str]:
+    """``simkeeper ARGS``; as the agent's user (no supplementary groups) when ``agent``."""
+    if agent:
+        return as_agent(*args)
+    return subprocess.run([*SIMKEEPER, *args], capture_output=True, text=True, timeout=WAIT,
+                          check=False, cwd="/")
+
+
+def as_agent(*args: str) -> subprocess.CompletedProcess[str]:
+    """``simkeeper ARGS`` in a forked child that became the agent's user: the interpreter
+    itself may be out of that user's reach (a venv on root's pyenv), so everything it needs is
+    imported before the fork."""
+    from agent import cli, cmd_run, cmd_status, cmd_wipe  # noqa: F401
+
+    with tempfile.TemporaryFile("w+") as err:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            code = 70
+            try:
+                os.setgroups([])
+                os.setgid(AGENT_GID)
+                os.setuid(AGENT_UID)
+                os.chdir("/")
+                sys.stderr = err
+                code = cli.main(list(args))
+            except BaseException:
+                traceback.print_exc(file=err)
+            finally:
+                err.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        err.seek(0)
+        return subprocess.CompletedProcess(list(args), os.waitstatus_to_exitcode(status), "",
+                                           err.read())
+
+
+def marker_of(db: Path) -> dict[str, Any]:
+    store = Store(db)
+    try:
+        marker = decommission.load_marker(store)
+    finally:
+        store.close()
+    assert marker is not None
+    return marker
+
+
+REFUSAL = ("simkeeper run: decommissioned at 2025-06-15T15:06:40Z; re-provision this gateway"
+           " (simkeeper provision device ... --force) to use it again\n")
+
+
+def test_agent_that_may_not_wipe_asks_root_and_wipe_identity_completes(
+    shared: Path, pki: Pki
+) -> None:
+    config, gen, db = packaged_layout(shared, pki)
+    decommissioned(config, db)
+    request = db.parent / decommission.WIPE_REQUEST
+    key = gen / "device.key"
+
+    # The refused start (here its preflight), as the agent: the key stays, the marker says so
+    # and root is asked, in the agent's state directory.
+    done = simkeeper("run", "--preflight", "--config", str(config), agent=True)
+    assert (done.returncode, done.stderr.splitlines()[-1] + "\n") == (1, REFUSAL), done.stderr
+    assert key.exists() and request.exists()
+    assert request.stat().st_uid == AGENT_UID
+    asked = json.loads(request.read_text())
+    assert asked["at"] == 1_750_000_000 and str(key) in asked["not_wiped"]
+    marker = marker_of(db)
+    assert marker["completed_at"] is not None and str(key) in marker["not_wiped"]
+
+    status = simkeeper("status", "--json", "--config", str(config))
+    assert json.loads(status.stdout)["decommissioned"] == {
+        "at": 1_750_000_000, "iccid": None, "wiped": False, "not_wiped": [str(key)]}
+    text = simkeeper("status", "--config", str(config)).stdout
+    assert f"identity keys NOT wiped: {key}; waiting for simkeeper-wipe (root)" in text
+
+    # Root (simkeeper-wipe.service) wipes every identity key, the root-only request key too,
+    # completes the marker and removes the request; the database stays the agent's.
+    wiped = simkeeper("wipe-identity", "--config", str(config))
+    assert wiped.returncode == 0, wiped.stderr
+    assert wiped.stdout.startswith("decommission at 2025-06-15T15:06:40Z complete: ")
+    assert not key.exists() and not (shared / "etc/request/device.key").exists()
+    assert (gen / "device.pem").exists() and (gen / "ca.pem").exists()
+    assert not request.exists()
+    marker = marker_of(db)
+    assert marker["not_wiped"] == {} and str(key) in marker["wiped"]
+    for path in db.parent.iterdir():  # SQLite gives what it made as root to the db's owner
+        assert path.stat().st_uid == AGENT_UID, path
+
+    status = simkeeper("status", "--json", "--config", str(config))
+    assert json.loads(status.stdout)["decommissioned"] == {
+        "at": 1_750_000_000, "iccid": None, "wiped": True, "not_wiped": []}
+    text = simkeeper("status", "--config", str(config)).stdout
+    assert "decommissioned at " in text and "identity keys wiped" in text
+
+    # Still decommissioned, nothing left to ask; the agent still opens its database.
+    done = simkeeper("run", "--preflight", "--config", str(config), agent=True)
+    assert (done.returncode, done.stderr) == (1, REFUSAL)
+    assert not request.exists()
+    again = simkeeper("wipe-identity", "--config", str(config))
+    assert again.returncode == 0, again.stderr
+
+    # Re-provisioned: preflight lets the daemon start (the daemon, not preflight, clears the
+    # marker), and a request left over is void: root wipes nothing.
+    shutil.copy(pki.rogue_cert, gen / "device.pem")
+    shutil.copy(pki.rogue_key, key)
+    done = simkeeper("run", "--preflight", "--config", str(config), agent=True)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert marker_of(db)["at"] == 1_750_000_000
+    request.write_text(json.dumps(marker))
+    void = simkeeper("wipe-identity", "--config", str(config))
+    assert void.returncode == 1 and void.stdout == ""
+    assert void.stderr.startswith("simkeeper wipe-identity: re-provisioned (certificate ")
+    assert void.stderr.count("\n") == 1 and "nothing wiped" in void.stderr
+    assert key.exists() and not request.exists()
+
+
+def test_wipe_identity_refuses_a_gateway_not_decommissioned(tmp_path: Path, pki: Pki) -> None:
+    gen, _request = bundle(tmp_path, pki)
+    config = gen / "config.toml"
+    db = tmp_path / "var" / "simkeeper.db"
+    config.write_text(f'device_id = "{DEVICE}"\n[store]\npath = "{db}"\n')
+    request = db.parent / decommission.WIPE_REQUEST
+    for present in (False, True):  # no database yet; a database without a marker
+        db.parent.mkdir(exist_ok=True)
+        request.write_text("{}")  # forged or stale: the request is not trusted
+        done = simkeeper("wipe-identity", "--config", str(config))
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert "nothing wiped" in done.stderr and "Traceback" not in done.stderr
+        assert (gen / "device.key").exists() and not request.exists()
+        assert db.exists() is present
+        if not present:
+            Store(db).close()
+    bad = simkeeper("wipe-identity", "--config", str(tmp_path / "absent.toml"))
+    assert bad.returncode == 2 and bad.stderr.startswith("simkeeper wipe-identity: ")
+
+
+def test_preflight_exit_codes(tmp_path: Path, pki: Pki) -> None:
+    gen, _request = bundle(tmp_path, pki)
+    config = gen / "config.toml"
+    db = tmp_path / "var" / "simkeeper.db"
+    config.write_text(f'device_id = "{DEVICE}"\n[store]\npath = "{db}"\n')
+    preflight = ("run", "--preflight", "--config", str(config))
+    # Never run: nothing to refuse, and nothing created.
+    assert (simkeeper(*preflight).returncode, db.exists()) == (0, False)
+    Store(db).close()
+    assert simkeeper(*preflight).returncode == 0  # not decommissioned
+    decommissioned(config, db, completed_at=1.0)
+    done = simkeeper(*preflight)
+    assert (done.returncode, done.stderr) == (1, REFUSAL)
+    assert not (db.parent / decommission.WIPE_REQUEST).exists()  # root could wipe: no request
+    # What the daemon cannot use is the daemon's to report (the unit fails, visibly).
+    assert simkeeper("run", "--preflight", "--config", str(tmp_path / "absent.toml")
+                     ).returncode == 0
+
+
+async def test_running_agent_that_may_not_wipe_asks_root(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decommission order's second part, when the wipe fails (the agent's user in the
+    packaged unit): the marker is saved first, then the request written beside the database."""
+    gen, _request = bundle(tmp_path, pki)
+    config = gen / "config.toml"
+    db = tmp_path / "var" / "simkeeper.db"
+    config.write_text(f'device_id = "{DEVICE}"\n[store]\npath = "{db}"\n')
+    cfg = parse(config.read_text())
+    store = Store(db)
+    request = db.parent / decommission.WIPE_REQUEST
+    saved_before_request: list[bool] = []
+
+    def refused(paths: list[Path]) -> tuple[list[str], dict[str, str]]:
+        return [], {str(p): "Permission denied" for p in paths}
+
+    real_request = decommission.request_wipe
+
+    def request_wipe(cfg: Any, marker: dict[str, Any]) -> Path | None:
+        saved_before_request.append(decommission.load_marker(store) == marker)
+        return real_request(cfg, marker)
+
+    monkeypatch.setattr(decommission, "wipe", refused)
+    monkeypatch.setattr(decommission, "request_wipe", request_wipe)
+    emitted: list[tuple[str, dict[str, Any]]] = []
+
+    class Plant:
+        def __init__(self) -> None:
+            self.cfg, self.config_path, self.store = cfg, config, store
+            self.outbox = SimpleNamespace(depth=lambda _stream: (0, 0))
+            self.events = SimpleNamespace(emit=lambda topic, **kw: emitted.append((topic, kw)))
+            self.keeper = SimpleNamespace(iccid=None, decommission=lambda announce: None,
+                                          retire=lambda: None)
+
+        def gates_changed(self) -> None:
+            pass
+
+        async def stop_uplinks(self) -> None:
+            pass
+
+    try:
+        job = decommission.Decommissioner(Plant(), drain_timeout=0.1)  # type: ignore[arg-type]
+        job.begin()
+        job.note_result()
+        await asyncio.wait_for(job.done.wait(), WAIT)
+        marker = decommission.load_marker(store)
+    finally:
+        store.close()
+    assert marker is not None and str(gen / "device.key") in marker["not_wiped"]
+    assert saved_before_request == [True]
+    assert json.loads(request.read_text()) == marker
+    assert (gen / "device.key").exists()
+    assert ("decommission-incomplete", {"not_wiped": marker["not_wiped"],
+                                        "wipe_requested": True}) in emitted

@@ -30,6 +30,9 @@ from drivers.hotplug import AT_INTERFACES, classify
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
 UNIT = PACKAGING / "simkeeper.service"
+WIPE_PATH = PACKAGING / "simkeeper-wipe.path"
+WIPE_SERVICE = PACKAGING / "simkeeper-wipe.service"
+UNITS = [UNIT, WIPE_PATH, WIPE_SERVICE]
 RULES = PACKAGING / "udev" / "70-simkeeper.rules"
 SCRIPTS = [PACKAGING / "debian" / name for name in ("postinst", "prerm", "postrm", "make-venv")]
 
@@ -222,21 +225,23 @@ def test_udevadm_verify() -> None:
 # -- systemd unit -----------------------------------------------------------------------------
 
 
-def _unit() -> configparser.RawConfigParser:
+def _unit(path: Path = UNIT) -> configparser.RawConfigParser:
+    """The unit's last value of each key (see :func:`_values` for repeated ones)."""
     parser = configparser.RawConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read(UNIT)
+    parser.read(path)
     return parser
 
 
-def _values(key: str) -> list[str]:
-    """Every value of ``key`` in [Service]: the unit repeats some keys (DeviceAllow=)."""
+def _values(key: str, path: Path = UNIT, section: str = "Service") -> list[str]:
+    """Every value of ``key`` in ``section``: the unit repeats some keys (DeviceAllow=,
+    ExecCondition=)."""
     out = []
-    section = None
-    for line in UNIT.read_text().splitlines():
+    current = None
+    for line in path.read_text().splitlines():
         if line.startswith("["):
-            section = line.strip("[]")
-        elif section == "Service" and line.startswith(f"{key}="):
+            current = line.strip("[]")
+        elif current == section and line.startswith(f"{key}="):
             out.append(line.split("=", 1)[1])
     return out
 
@@ -282,7 +287,7 @@ def test_unit_restart_limits_throttle_without_giving_up() -> None:
 
 
 def test_exec_condition_skips_an_unconfigured_gateway(tmp_path: Path) -> None:
-    condition = _unit()["Service"]["ExecCondition"].split()
+    condition = _values("ExecCondition")[0].split()
     assert condition[-1] == "/etc/simkeeper/config.toml"
     installed = tmp_path / "installed.toml"
     installed.write_text(build_deb.default_config((PACKAGING / "config.toml").read_text()))
@@ -293,6 +298,42 @@ def test_exec_condition_skips_an_unconfigured_gateway(tmp_path: Path) -> None:
     assert subprocess.run([*run, str(installed)], check=False).returncode == 1
     assert subprocess.run([*run, str(provisioned)], check=False).returncode == 0
     assert subprocess.run([*run, str(tmp_path / "absent")], check=False).returncode == 2
+
+
+def test_exec_condition_skips_a_decommissioned_gateway() -> None:
+    """The second condition: `run --preflight` exits 1 while decommissioned (tests/
+    test_decommission.py), so systemd skips the start instead of restarting a refusal."""
+    assert _values("ExecCondition")[1] == (
+        "/opt/simkeeper/venv/bin/simkeeper run --preflight --config /etc/simkeeper/config.toml")
+
+
+def test_wipe_units_run_root_wipe_identity_on_request() -> None:
+    path = _unit(WIPE_PATH)
+    service = _unit(WIPE_SERVICE)
+    request = "/var/lib/simkeeper/wipe-requested"  # StateDirectory= + agent.decommission
+    assert path["Path"]["PathExists"] == request
+    assert path["Path"]["Unit"] == WIPE_SERVICE.name
+    assert path["Install"]["WantedBy"] == "multi-user.target"
+    assert "Install" not in service  # only the path unit starts it
+    assert service["Unit"]["ConditionPathExists"] == request
+    expected = {
+        "Type": "oneshot",
+        "ExecStart": "/opt/simkeeper/venv/bin/simkeeper wipe-identity"
+                     " --config /etc/simkeeper/config.toml",
+        "ProtectSystem": "strict", "PrivateNetwork": "yes", "PrivateDevices": "yes",
+        "NoNewPrivileges": "yes", "ProtectHome": "yes", "IPAddressDeny": "any",
+        "RestrictAddressFamilies": "AF_UNIX",
+    }
+    for key, value in expected.items():
+        assert service["Service"].get(key) == value, key
+    assert "User" not in service["Service"]  # root: the keys are root's
+    assert set(service["Service"]["ReadWritePaths"].split()) == {"/etc/simkeeper",
+                                                                 "/var/lib/simkeeper"}
+    assert set(service["Service"]["CapabilityBoundingSet"].split()) == {"CAP_DAC_OVERRIDE",
+                                                                        "CAP_CHOWN"}
+    # the database the request goes beside is the packaged config's
+    assert re.search(r'^path = "/var/lib/simkeeper/[^/"]+"$',
+                     (PACKAGING / "config.toml").read_text(), re.M)
 
 
 def _verify(unit: Path) -> subprocess.CompletedProcess[str]:
@@ -309,25 +350,33 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     baseline = _verify(probe)
     if baseline.returncode != 0 or baseline.stderr.strip():
         pytest.skip(f"systemd-analyze verify cannot run here: {baseline.stderr.strip()[:200]}")
-    # The venv exists only after postinst: point ExecStart at a stand-in executable.
+    # The venv exists only after postinst: point Exec*= at a stand-in executable.
     stub = tmp_path / "simkeeper"
     stub.write_text("#!/bin/sh\n")
     stub.chmod(0o755)
-    unit = tmp_path / "simkeeper.service"
-    unit.write_text(UNIT.read_text().replace("/opt/simkeeper/venv/bin/simkeeper", str(stub)))
-    result = _verify(unit)
-    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+    units = tmp_path / "units"  # together: the path unit names the service it starts
+    units.mkdir()
+    for source in UNITS:
+        (units / source.name).write_text(
+            source.read_text().replace("/opt/simkeeper/venv/bin/simkeeper", str(stub)))
+    for source in UNITS:
+        result = _verify(units / source.name)
+        assert result.returncode == 0 and result.stderr.strip() == "", \
+            f"{source.name}: {result.stderr}"
 
 
-def test_systemd_exposure_score(tmp_path: Path) -> None:
-    """`systemd-analyze security`: 0 is a sealed service, 10 an unprotected one."""
+@pytest.mark.parametrize("source", [UNIT, WIPE_SERVICE], ids=lambda p: p.name)
+def test_systemd_exposure_score(tmp_path: Path, source: Path) -> None:
+    """`systemd-analyze security`: 0 is a sealed service, 10 an unprotected one. The wipe runs
+    as root, with two capabilities and no network."""
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze not installed (apt-get install systemd)")
-    unit = tmp_path / "simkeeper.service"
-    unit.write_text(UNIT.read_text())
+    unit = tmp_path / source.name
+    unit.write_text(source.read_text())
     result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
                              str(unit)], capture_output=True, text=True, check=False)
-    found = re.search(r"Overall exposure level for simkeeper.service: ([0-9.]+)", result.stdout)
+    found = re.search(rf"Overall exposure level for {re.escape(source.name)}: ([0-9.]+)",
+                      result.stdout)
     if found is None:
         pytest.skip(f"systemd-analyze security --offline unavailable: {result.stderr[:200]}")
     assert float(found[1]) <= 2.5, result.stdout
@@ -389,6 +438,50 @@ def test_maintainer_scripts_lint() -> None:
     _check_shell(SCRIPTS)
 
 
+def _systemd_calls(script: Path, *args: str, tmp_path: Path) -> list[str]:
+    """What ``script ARGS`` asks of deb-systemd-helper, deb-systemd-invoke and systemctl, on
+    a machine booted with systemd: stand-ins record the calls, and the script's system paths
+    point into ``tmp_path`` (nothing on this machine changes)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "calls"
+    log.write_text("")
+    for tool in ("deb-systemd-helper", "deb-systemd-invoke", "systemctl", "udevadm"):
+        stub = bin_dir / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n')  # was-enabled: yes
+        stub.chmod(0o755)
+    text = script.read_text()
+    for system in ("/run/systemd/system", "/run/udev", "/opt/simkeeper", "/etc/simkeeper",
+                   "/var/lib/simkeeper"):
+        fake = tmp_path / "root" / system.lstrip("/")
+        fake.mkdir(parents=True, exist_ok=True)
+        text = text.replace(system, str(fake))
+    copy = tmp_path / script.name
+    copy.write_text(text)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    result = subprocess.run(["sh", str(copy), *args], capture_output=True, text=True, env=env,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    return [c for c in log.read_text().splitlines() if not c.startswith("udevadm")]
+
+
+def test_maintainer_scripts_handle_the_wipe_path_unit(tmp_path: Path) -> None:
+    """postinst enables and starts simkeeper-wipe.path beside the service (started even before
+    the gateway is configured); prerm stops it, postrm masks it. (abort-upgrade: the
+    configure-only steps, user and venv, are not run.)"""
+    debian = PACKAGING / "debian"
+    calls = _systemd_calls(debian / "postinst", "abort-upgrade", "0.0.1-1", tmp_path=tmp_path)
+    for unit in ("simkeeper.service", "simkeeper-wipe.path"):
+        assert f"deb-systemd-helper unmask {unit}" in calls, calls
+        assert f"deb-systemd-helper enable {unit}" in calls, calls
+    assert "deb-systemd-invoke restart simkeeper-wipe.path" in calls, calls
+    assert "deb-systemd-invoke restart simkeeper.service" not in calls  # no device_id yet
+    calls = _systemd_calls(debian / "prerm", "upgrade", "0.0.2-1", tmp_path=tmp_path)
+    assert calls == ["deb-systemd-invoke stop simkeeper.service simkeeper-wipe.path"]
+    calls = _systemd_calls(debian / "postrm", "remove", tmp_path=tmp_path)
+    assert "deb-systemd-helper mask simkeeper.service simkeeper-wipe.path" in calls, calls
+
+
 # -- the .deb ---------------------------------------------------------------------------------
 
 
@@ -438,6 +531,8 @@ def test_deb_metadata_and_contents(host_deb: Built) -> None:
     owners = {line.split()[-1].lstrip("."): line.split()[1] for line in listing.splitlines()}
     assert set(owners.values()) == {"root/root"}
     for path in ("/lib/systemd/system/simkeeper.service", "/lib/udev/rules.d/70-simkeeper.rules",
+                 "/lib/systemd/system/simkeeper-wipe.path",
+                 "/lib/systemd/system/simkeeper-wipe.service",
                  "/etc/simkeeper/config.toml", "/usr/lib/modules-load.d/simkeeper.conf",
                  "/opt/simkeeper/lib/make-venv", "/usr/share/doc/simkeeper/copyright"):
         assert path in files, path
@@ -458,7 +553,8 @@ def test_deb_maintainer_scripts(host_deb: Built, tmp_path: Path) -> None:
     _check_shell(scripts)
     postinst = (control / "postinst").read_text()
     for needle in ("adduser --system --group", "dialout", "make-venv", "udevadm control",
-                   "daemon-reload", "enable", "device_id"):
+                   "daemon-reload", "enable", "device_id", "WIPE=simkeeper-wipe.path",
+                   'for unit in "$UNIT" "$WIPE"', 'deb-systemd-helper enable "$unit"'):
         assert needle in postinst, needle
     postrm = (control / "postrm").read_text()
     assert "purge" in postrm and "deluser" in postrm and "/var/lib/simkeeper" in postrm
@@ -499,12 +595,15 @@ def test_deb_installs_offline_into_a_scratch_root(unpacked: Path, tmp_path: Path
     _mdwe(str(prefix / "venv/bin/python"), tmp_path)
     # and the unit verifies against the real executable
     if shutil.which("systemd-analyze"):
-        unit = tmp_path / "simkeeper.service"
-        unit.write_text((unpacked / "lib/systemd/system/simkeeper.service").read_text()
-                        .replace("/opt/simkeeper/venv/bin/simkeeper", str(simkeeper)))
-        verified = _verify(unit)
-        if "cannot" not in verified.stderr:
-            assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
+        for source in UNITS:
+            unit = tmp_path / source.name
+            unit.write_text((unpacked / "lib/systemd/system" / source.name).read_text()
+                            .replace("/opt/simkeeper/venv/bin/simkeeper", str(simkeeper)))
+        for source in UNITS:
+            verified = _verify(tmp_path / source.name)
+            if "cannot" not in verified.stderr:
+                assert verified.returncode == 0 and not verified.stderr.strip(), \
+                    f"{source.name}: {verified.stderr}"
 
 
 @pytest.mark.deb

@@ -14,7 +14,7 @@ from tests.test_daemon import Agent, running
 
 FIELDS = {
     "device_id", "running", "reason", "pid", "started_at", "heartbeat", "stopped_at", "sims",
-    "modems", "uplink", "outbox",
+    "modems", "uplink", "outbox", "decommissioned",
 }
 
 
@@ -35,6 +35,7 @@ async def test_status_while_running_and_after_stop(tmp_path: Path, broker: Broke
         status = json.loads(done.stdout)
         assert set(status) == FIELDS
         assert status["running"] is True and status["reason"] is None
+        assert status["decommissioned"] is None
         assert status["device_id"] == "gw-test"
         modem = status["modems"][0]
         assert modem["modem"]["imei"] == sim.personality.imei
