@@ -24,8 +24,6 @@ header with unknown or missing columns, raises :class:`ManifestError` and nothin
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 import tomllib
@@ -36,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import canonical_iccid
+from agent.csvtable import TableError, read_table
 from drivers.parsers._common import luhn_valid
 
 COLUMNS = ("iccid", "deadline", "apn", "plan_bytes")
@@ -176,32 +175,19 @@ def _build(rows: Iterable[Row]) -> Manifest:
 
 
 def parse_csv(text: str) -> Manifest:
-    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")), strict=True)
-    header: list[str] | None = None
-    rows: list[Row] = []
+    def check_header(header: list[str]) -> str | None:
+        unknown = sorted(set(header) - set(COLUMNS))
+        missing = [c for c in _REQUIRED if c not in header]
+        if unknown or missing or len(set(header)) != len(header):
+            return (f"bad header {header!r}: columns are {list(COLUMNS)}"
+                    f" ({', '.join(_REQUIRED)} required), each once")
+        return None
+
     try:
-        for cells in reader:
-            if not any(c.strip() for c in cells) or cells[0].lstrip().startswith("#"):
-                continue
-            if header is None:
-                header = [c.strip().lower() for c in cells]
-                unknown = sorted(set(header) - set(COLUMNS))
-                missing = [c for c in _REQUIRED if c not in header]
-                if unknown or missing or len(set(header)) != len(header):
-                    raise ManifestError(
-                        f"line {reader.line_num}: bad header {cells!r}: columns are"
-                        f" {list(COLUMNS)} ({', '.join(_REQUIRED)} required), each once")
-                continue
-            if len(cells) != len(header):
-                rows.append((reader.line_num, f"{len(cells)} fields, the header has {len(header)}"))
-                continue
-            rows.append((reader.line_num, {k: v.strip() for k, v in zip(header, cells,
-                                                                         strict=True)}))
-    except csv.Error as exc:
-        raise ManifestError(f"line {reader.line_num}: not CSV: {exc}") from None
-    if header is None:
-        raise ManifestError("no header row (iccid,deadline,apn,plan_bytes)")
-    return _build(rows)
+        rows = read_table(text, check_header, "no header row (iccid,deadline,apn,plan_bytes)")
+    except TableError as exc:
+        raise ManifestError(str(exc)) from None
+    return _build(list(rows))
 
 
 def parse_toml(text: str) -> Manifest:

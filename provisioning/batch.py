@@ -14,13 +14,12 @@ reported with its line and skipped; the others go on.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.csvtable import TableError, read_table
 from agent.manifest import normalise_iccid
 from drivers.parsers.identity import imei_valid
 from provisioning import birthlog
@@ -88,32 +87,24 @@ def read_rows(path: Path, out: Outcome) -> list[Row]:
         text = read(path, "CSV").decode("utf-8")
     except UnicodeDecodeError:
         raise ProvisionError(f"CSV {path}: not UTF-8 text") from None
-    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")), strict=True)
-    header: list[str] | None = None
-    rows: list[Row] = []
+    def check_header(header: list[str]) -> str | None:
+        if sorted(header) != sorted(COLUMNS):
+            return f"the header must name the columns {', '.join(COLUMNS)}, each once"
+        return None
+
     try:
-        for cells in reader:
-            if not any(c.strip() for c in cells) or cells[0].lstrip().startswith("#"):
-                continue
-            if header is None:
-                header = [c.strip().lower() for c in cells]
-                if sorted(header) != sorted(COLUMNS):
-                    raise ProvisionError(f"CSV {path}: line {reader.line_num}: the header must"
-                                         f" name the columns {', '.join(COLUMNS)}, each once")
-                continue
-            if len(cells) != len(header):
-                out.problems.append(f"line {reader.line_num}: {len(cells)} fields, the header"
-                                    f" has {len(header)}")
-                continue
-            try:
-                rows.append(_row(reader.line_num, dict(zip(header, (c.strip() for c in cells),
-                                                           strict=True)), out))
-            except ProvisionError as exc:
-                out.problems.append(f"line {reader.line_num}: {exc}")
-    except csv.Error as exc:
-        raise ProvisionError(f"CSV {path}: line {reader.line_num}: not CSV: {exc}") from None
-    if header is None:
-        raise ProvisionError(f"CSV {path}: no header row ({','.join(COLUMNS)})")
+        table = read_table(text, check_header, f"no header row ({','.join(COLUMNS)})")
+    except TableError as exc:
+        raise ProvisionError(f"CSV {path}: {exc}") from None
+    rows: list[Row] = []
+    for line, fields in table:
+        if isinstance(fields, str):
+            out.problems.append(f"line {line}: {fields}")
+            continue
+        try:
+            rows.append(_row(line, fields, out))
+        except ProvisionError as exc:
+            out.problems.append(f"line {line}: {exc}")
     return _duplicates(rows, out)
 
 
