@@ -10,7 +10,7 @@ seconds; nothing else is retried.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -24,6 +24,7 @@ from drivers.parsers.identity import parse_manufacturer, parse_model, parse_revi
 from drivers.parsers.network import (
     Act,
     ErrorReport,
+    Operator,
     Registration,
     RegState,
     parse_ceer,
@@ -239,19 +240,21 @@ class Modem:
 
     async def operator(self) -> OperatorInfo:
         """Numeric MCC-MNC (``+COPS=3,2``), then the long name (``+COPS=3,0``, the default
-        format, which the modem keeps afterwards)."""
-        names = {}
-        act = None
-        for fmt in (2, 0):
-            await self._optional(self.channel.command(f"AT+COPS=3,{fmt}"))
-            op = await self._optional(
-                self._read("AT+COPS?", lambda lines: parse_cops(lines, self.profile.act_names)))
-            if op is not None:
-                names[fmt] = op.mcc_mnc if fmt == 2 else op.name
-                act = act or op.act
-        if not names:
+        format, which the modem keeps afterwards). Format and read go as one command line, so
+        another user of the port (the SIM keeper) cannot switch the format in between; a modem
+        that refuses to switch is read in whatever format it has."""
+        def parse(lines: Sequence[str]) -> Operator:
+            return parse_cops(lines, self.profile.act_names)
+
+        found = [op for fmt in (2, 0)
+                 if (op := await self._optional(self._read(f"AT+COPS=3,{fmt};+COPS?", parse)))]
+        if not found and (op := await self._optional(self._read("AT+COPS?", parse))):
+            found = [op]
+        if not found:
             raise ParseError("no +COPS answer")
-        return OperatorInfo(name=names.get(0), mcc_mnc=names.get(2), act=act)
+        return OperatorInfo(name=next((op.name for op in found if op.name), None),
+                            mcc_mnc=next((op.mcc_mnc for op in found if op.mcc_mnc), None),
+                            act=next((op.act for op in found if op.act), None))
 
     async def signal(self) -> Signal:
         """``+CSQ``, gaps filled from the vendor's extended report."""

@@ -219,6 +219,7 @@ async def test_restart_mid_attempt_after_the_deadline_expires_without_trying(
         LifecycleRepository(store).save(SimRecord(ICCID, "activating", deadline=T0 - 10))
         async with rig(tmp_path, store=store, probe=refused_probe()) as r:
             await until(lambda: state_of(r.keeper) == "expired")
+            await until(lambda: bool(r.events.of("deadline-alarm")))  # later in the same round
             assert r.count("AT+CGACT=1,1") == 0 and r.backoff.delays == []
             assert [a["threshold"] for a in r.events.of("deadline-alarm")] == [PASSED]
     finally:
