@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from agent import __version__
+from agent.clierror import CliError
 
 
 class _Command(Protocol):
@@ -39,10 +40,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "provision": ("agent.cmd_provision", "factory: CA, device identities, bundles, batches"),
     "fleet": ("agent.cmd_fleet", "operator: sign and send commands, watch devices"),
 }
-
-
-class UsageError(Exception):
-    """Bad usage discovered after parsing (exit 2)."""
 
 
 def _load(name: str) -> _Command:
@@ -73,9 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="simkeeper %(levelname)s %(name)s: %(message)s")
     try:
         return _load(args.command).run(args)
-    except UsageError as exc:
-        print(f"simkeeper {args.command}: {exc}", file=sys.stderr)
-        return 2
+    except CliError as exc:
+        label = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+        print(f"simkeeper {label}: {exc}", file=sys.stderr)
+        return exc.status
     except KeyboardInterrupt:
         return 130
 

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
+from agent.clierror import CliError, UsageError
 from agent.fleet.mqtt import FleetError, add_broker_arguments, options_from, parse_broker
 from provisioning.files import ProvisionError
-
-
-class UsageError(Exception):
-    """Bad usage found after parsing (exit 2)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,9 +173,5 @@ _ACTIONS = {"keygen": _keygen, "send": _send, "watch": _watch, "flux-bridge": _b
 def run(args: argparse.Namespace) -> int:
     try:
         return _ACTIONS[args.action](args)
-    except UsageError as exc:
-        print(f"simkeeper fleet {args.action}: {exc}", file=sys.stderr)
-        return 2
     except (FleetError, ProvisionError) as exc:
-        print(f"simkeeper fleet {args.action}: {exc}", file=sys.stderr)
-        return 1
+        raise CliError(1, str(exc)) from None

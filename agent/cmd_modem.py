@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from typing import Any
 
+from agent.clierror import CliError
 from drivers.channel import AtChannel
 from drivers.errors import CommandTimeout, ModemError
 from drivers.modem import Modem
@@ -27,8 +27,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(probe(args.port, args.baud))
     except ModemError as exc:
-        print(f"simkeeper modem info: {exc}", file=sys.stderr)
-        return 1
+        raise CliError(1, str(exc)) from None
     print(json.dumps(result) if args.json else render(result))
     return 0
 

@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.clierror import CliError, UsageError
 from provisioning import birthlog, keys
 from provisioning.batch import Batch
 from provisioning.bundle import Settings, check_device_id, load_settings
@@ -37,10 +38,6 @@ from provisioning.verify import resolve, target_root, verify_bundle
 
 DEFAULT_PORT = {"default": 8883, "beam": 1883}  # MQTT over TLS; Beam's plain entry point
 Handler = Callable[[argparse.Namespace], int]
-
-
-class UsageError(Exception):
-    """Bad usage found after parsing (exit 2)."""
 
 
 def _broker(text: str) -> tuple[str, int | None]:
@@ -295,13 +292,7 @@ HANDLERS: dict[str, Handler] = {
 def run(args: argparse.Namespace) -> int:
     try:
         return HANDLERS[args.action](args)
-    except UsageError as exc:
-        print(f"simkeeper provision {args.action}: {exc}", file=sys.stderr)
-        return 2
     except ProvisionError as exc:
-        print(f"simkeeper provision {args.action}: {exc}", file=sys.stderr)
-        return 1
+        raise CliError(1, str(exc)) from None
     except OSError as exc:
-        print(f"simkeeper provision {args.action}: {exc.filename or ''}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return 1
+        raise CliError(1, f"{exc.filename or ''}: {exc.strerror or exc}") from None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import config
+from agent.clierror import CliError
 from agent.outbox import topic_problem
 
 ANSWER_TIMEOUT = 30.0  # a commit waits behind the others in flight; a few ms is normal
@@ -29,16 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if problem := topic_problem(args.topic):
-        return _fail(2, f"bad topic {args.topic!r}: {problem}")
+        raise CliError(2, f"bad topic {args.topic!r}: {problem}")
     text = sys.stdin.read() if args.json is None else args.json
     try:
         data = json.loads(text)
     except ValueError as exc:
-        return _fail(2, f"JSON argument is not valid JSON: {exc}")
+        raise CliError(2, f"JSON argument is not valid JSON: {exc}") from None
     try:
         cfg = config.load(args.config)
     except config.ConfigError as exc:
-        return _fail(2, str(exc))
+        raise CliError(2, str(exc)) from None
     reading: dict[str, Any] = {"topic": args.topic, "data": data}
     if args.priority is not None:
         reading["priority"] = args.priority
@@ -46,16 +47,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         answer = _exchange(cfg.ingest.socket, line.encode())
     except OSError as exc:
-        return _fail(1, _why(exc, cfg.ingest.socket))
+        raise CliError(1, _why(exc, cfg.ingest.socket)) from None
     if answer.get("ok") is True:
         print(answer.get("id"))
         return 0
-    return _fail(1, f"refused by the agent: {answer.get('error')}")
+    raise CliError(1, f"refused by the agent: {answer.get('error')}")
 
-
-def _fail(status: int, why: str) -> int:
-    print(f"simkeeper publish: {why}", file=sys.stderr)
-    return status
 
 
 def _exchange(path: Path, line: bytes) -> dict[str, Any]:

@@ -18,10 +18,10 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
 from typing import TYPE_CHECKING
 
 from agent import config, decommission
+from agent.clierror import CliError
 from agent.decommission import Decommissioned
 from agent.store import Store, StoreError
 
@@ -43,14 +43,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config.load(args.config)
     except config.ConfigError as exc:
-        return _fail(2, str(exc))
+        raise CliError(2, str(exc)) from None
     from agent.daemon import Daemon  # the daemon's stack only when it runs, not for preflight
     from agent.ingest import IngestError
 
     try:
         asyncio.run(_serve(Daemon(cfg, config_path=config.resolve_path(args.config))))
     except (StoreError, IngestError, Decommissioned) as exc:
-        return _fail(1, str(exc))
+        raise CliError(1, str(exc)) from None
     return 0
 
 
@@ -70,7 +70,7 @@ def preflight(args: argparse.Namespace) -> int:
     try:
         decommission.preflight(store, cfg, config.resolve_path(args.config))
     except Decommissioned as exc:
-        return _fail(1, str(exc))
+        raise CliError(1, str(exc)) from None
     except StoreError as exc:
         log.debug("preflight: %s: the daemon reports it", exc)
     finally:
@@ -85,7 +85,3 @@ async def _serve(daemon: Daemon) -> None:
         loop.add_signal_handler(sig, stop.set)
     await daemon.run(stop)
 
-
-def _fail(status: int, why: str) -> int:
-    print(f"simkeeper run: {why}", file=sys.stderr)
-    return status

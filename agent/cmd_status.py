@@ -15,12 +15,12 @@ import argparse
 import json
 import os
 import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from agent import config
+from agent.clierror import CliError
 
 HEARTBEAT = 60.0  # the daemon writes its heartbeat at most this often (agent.daemon)
 STALE = 3 * HEARTBEAT + 30  # no heartbeat for this long: the agent hangs or died unseen
@@ -37,24 +37,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config.load(args.config)
     except config.ConfigError as exc:
-        return _fail(2, str(exc))
+        raise CliError(2, str(exc)) from None
     path = cfg.store.path
     if not path.exists():
-        return _fail(1, f"no database at {path}: the agent has never run with this config")
+        raise CliError(1, f"no database at {path}: the agent has never run with this config")
     try:
         status = read_status(path, cfg.device_id)
     except sqlite3.Error as exc:
-        return _fail(1, f"cannot read {path}: {exc}")
+        raise CliError(1, f"cannot read {path}: {exc}") from None
     requested = (path.parent / WIPE_REQUEST).exists()
     print(json.dumps(status) if args.json else render(status, wipe_requested=requested))
     if not status["running"]:
-        return _fail(1, f"the agent is not running: {status['reason']}")
+        raise CliError(1, f"the agent is not running: {status['reason']}")
     return 0
 
-
-def _fail(code: int, why: str) -> int:
-    print(f"simkeeper status: {why}", file=sys.stderr)
-    return code
 
 
 def read_status(path: Path, device_id: str, now: float | None = None) -> dict[str, Any]:

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from pathlib import Path
 
 from agent import config, decommission
+from agent.clierror import CliError
 from agent.store import Store, StoreError
 
 
@@ -37,38 +37,39 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config.load(args.config)
     except config.ConfigError as exc:
-        return _fail(2, str(exc))
+        raise CliError(2, str(exc)) from None
     config_path = config.resolve_path(args.config)
     request = decommission.wipe_request_path(cfg)
     if not cfg.store.path.exists():
         _void(request)
-        return _fail(1, f"no database at {cfg.store.path}: no decommission recorded;"
+        raise CliError(1, f"no database at {cfg.store.path}: no decommission recorded;"
                         " nothing wiped")
     try:
         store = Store(cfg.store.path)
     except StoreError as exc:
-        return _fail(1, str(exc))
+        raise CliError(1, str(exc)) from None
     try:
         marker = decommission.load_marker(store)
         if marker is None:
             _void(request)
-            return _fail(1, "this gateway is not decommissioned; nothing wiped")
+            raise CliError(1, "this gateway is not decommissioned; nothing wiped")
         if (new := decommission.reprovisioned(marker, cfg, config_path)) is not None:
             _void(request)
-            return _fail(1, f"re-provisioned (certificate {new[:16]}) since the decommission"
+            raise CliError(1, f"re-provisioned (certificate {new[:16]}) since the decommission"
                             f" at {decommission.when(marker.get('at'))}; nothing wiped")
         failed = decommission.complete(store, cfg, config_path, marker)
     except StoreError as exc:
-        return _fail(1, str(exc))
+        raise CliError(1, str(exc)) from None
     finally:
         store.close()
     if failed:
-        return _fail(1, "identity keys not wiped: "
+        raise CliError(1, "identity keys not wiped: "
                         + "; ".join(f"{path}: {why}" for path, why in failed.items()))
     try:
         request.unlink(missing_ok=True)
     except OSError as exc:
-        return _fail(1, f"keys wiped, but the request {request} stays: {exc.strerror or exc}")
+        why = f"keys wiped, but the request {request} stays: {exc.strerror or exc}"
+        raise CliError(1, why) from None
     print(f"decommission at {decommission.when(marker.get('at'))} complete:"
           f" {len(marker.get('wiped') or [])} identity key file(s) wiped")
     return 0
@@ -78,7 +79,3 @@ def _void(request: Path) -> None:
     with contextlib.suppress(OSError):
         request.unlink()
 
-
-def _fail(code: int, why: str) -> int:
-    print(f"simkeeper wipe-identity: {why}", file=sys.stderr)
-    return code

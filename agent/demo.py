@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import config
 from agent.batch import BatchError, decode_batch
+from agent.clierror import CliError
 from agent.daemon import Daemon
 from agent.localbroker import BrokerError, LocalBroker
 from drivers.simulator import SimulatedModem, load_scenario
@@ -50,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(demo(args.scenario, args.interval, args.duration, sys.stdout))
     except BrokerError as exc:
-        print(f"simkeeper demo: {exc}", file=sys.stderr)
-        return 1
+        raise CliError(1, str(exc)) from None
     return 0
 
 
