@@ -4,7 +4,7 @@ Start: the store, outbox, events, usage meter, trusted clock, SIM keeper and com
 the uplink (MQTT, or the Unified Endpoint for readings with MQTT kept for commands and state); a
 modem session per port (named in config, or each AT port hotplug finds when ``[modem] port =
 "auto"``), the first of which carries the SIM keeper and the SMS command reader; then the
-ingest socket, and ``READY=1`` to systemd. Stop (SIGTERM/SIGINT, see :mod:`agent.cmd_run`):
+ingest socket, and ``READY=1`` to systemd. Stop (SIGTERM/SIGINT, see :mod:`agent.cli.run`):
 ``STOPPING=1``, answer the ingest lines already queued, stop the keeper and the sessions,
 publish the retained ``offline`` and disconnect, write the runtime row a last time, close the
 store.
@@ -29,31 +29,32 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import decommission, orders
-from agent.aio import wait_event
-from agent.cmd_status import HEARTBEAT
-from agent.commands import CommandProcessor, Result, mqtt_callback
-from agent.commands_sms import ModemSmsReply, Reply, SmsCommandReader
-from agent.config import Config
-from agent.events import Events
-from agent.health import HealthReporter
-from agent.ingest import IngestServer
-from agent.keeper import SimKeeper
-from agent.outbox import Outbox, Reading
-from agent.ratelimit import Backoff
-from agent.sdnotify import Notifier
-from agent.session import ModemSession
-from agent.store import Store
-from agent.trusted_time import TrustedClock, load_anchor, save_anchor
-from agent.uplink import MqttUplink
-from agent.usage import Counters, UsageMeter
+from agent.cli.status import HEARTBEAT
+from agent.commands import handlers
+from agent.commands.processor import CommandProcessor, Result, mqtt_callback
+from agent.commands.sms import ModemSmsReply, Reply, SmsCommandReader
+from agent.core.backoff import Backoff
+from agent.core.config import Config
+from agent.core.sdnotify import Notifier
+from agent.core.store import Store
+from agent.core.tasks import wait_event
+from agent.core.trusted_time import TrustedClock, load_anchor, save_anchor
+from agent.modem.session import ModemSession
+from agent.sim import decommission
+from agent.sim.keeper import SimKeeper
+from agent.telemetry.events import Events
+from agent.telemetry.health import HealthReporter
+from agent.telemetry.ingest import IngestServer
+from agent.telemetry.mqtt import MqttUplink
+from agent.telemetry.outbox import Outbox, Reading
+from agent.usage.meter import Counters, UsageMeter
 from drivers.channel import AtChannel
 from drivers.errors import ModemError
 from drivers.hotplug import Hotplug, PortMatch
 from drivers.vendors import Profile
 
 if TYPE_CHECKING:
-    from agent.http_uplink import HttpUplink
+    from agent.telemetry.http import HttpUplink
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set. Raises StoreError or IngestError when it cannot start,
-        :class:`agent.decommission.Decommissioned` when it must not."""
+        :class:`agent.sim.decommission.Decommissioned` when it must not."""
         self.store = store = Store(self.cfg.store.path)
         try:
             self._reprovisioned = decommission.check_start(store, self.cfg, self.config_path)
@@ -160,7 +161,7 @@ class Daemon:
         self.keeper = SimKeeper.from_config(cfg, store, self.events.emit, clock=self.clock,
                                             on_change=self._keeper_changed)
         self.commands = CommandProcessor(store, cfg.device_id, self._operator_keys(),
-                                         self.clock, orders.handlers(self))
+                                         self.clock, handlers.handlers(self))
         # Closed in reverse: ingest first (answers owed), then the keeper, tasks, sessions,
         # uplink.
         await self._start_uplinks()
@@ -204,7 +205,7 @@ class Daemon:
                                          and not self.decommissioner.active)
         self._changed.set()
 
-    gates_changed = _keeper_changed  # agent.decommission.Plant
+    gates_changed = _keeper_changed  # agent.sim.decommission.Plant
 
     def _spawn(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
         backoff = Backoff(*self._restart)
@@ -227,7 +228,7 @@ class Daemon:
 
         http = None
         if cfg.uplink.kind == "unified-endpoint":
-            from agent.http_uplink import HttpUplink  # http.client only when it is used
+            from agent.telemetry.http import HttpUplink  # http.client only when it is used
 
             http = HttpUplink(cfg.uplink, cfg.device_id, self.outbox, allow=allow)
         self.mqtt = MqttUplink(
@@ -303,7 +304,7 @@ class Daemon:
                 task.cancel()
             self._changed.set()
 
-    # -- what rides on the first modem (agent.session.SessionHooks) ------------------------------
+    # -- what rides on the first modem (agent.modem.session.SessionHooks) --------------------
 
     def attached(self, channel: AtChannel, profile: Profile) -> None:
         self.keeper.attach(channel, profile)
@@ -351,7 +352,7 @@ class Daemon:
 
         return reply
 
-    # -- orders (agent.orders) --------------------------------------------------------------------
+    # -- orders (agent.commands.handlers) ------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
         return self._state(self.snapshot())

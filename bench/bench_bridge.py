@@ -45,7 +45,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.localbroker import LocalBroker, end_process, find_mosquitto
+from agent.fleet.localbroker import LocalBroker, end_process, find_mosquitto
 from tests.broker import wait_until
 
 N_DEFAULT = 20_000

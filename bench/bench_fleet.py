@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import time
 
+from agent.fleet.localbroker import BrokerError, mosquitto_binary
 from agent.fleet.mqtt import FleetError
 from agent.fleet.simulate import simulate
 from agent.fleet.simulate_fleet import Options
-from agent.localbroker import BrokerError, mosquitto_binary
 
 SIZES = (100, 1000)
 BUDGET = 180.0  # seconds for the largest size, roughly

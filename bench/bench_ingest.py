@@ -11,9 +11,9 @@ import time
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 
-from agent.ingest import IngestServer
-from agent.outbox import TELEMETRY, Outbox
-from agent.store import Store
+from agent.core.store import Store
+from agent.telemetry.ingest import IngestServer
+from agent.telemetry.outbox import TELEMETRY, Outbox
 
 CLIENTS_PER_PROCESS = 8
 CLIENT_PROCESSES = 2

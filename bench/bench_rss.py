@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from agent.localbroker import LocalBroker, end_process, find_mosquitto
+from agent.fleet.localbroker import LocalBroker, end_process, find_mosquitto
 from bench.bench_bridge import Agent, agent_config, start_simulator
 
 GOAL_MB = 30.0

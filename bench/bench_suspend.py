@@ -4,7 +4,7 @@ Two paths, everything in this process on one asyncio loop, the simulated modem (
 real pty, ``RUNS`` times each after the SIM is active (each run is resumed, and re-activated,
 before the next):
 
-- API: ``keeper.suspend("radio")`` on a :class:`agent.keeper.SimKeeper` attached to the modem
+- API: ``keeper.suspend("radio")`` on a :class:`agent.sim.keeper.SimKeeper` attached to the modem
   (goal of issue 3: <= 1 s);
 - MQTT, for information: a signed ``suspend`` envelope published to a local mosquitto, through
   the whole daemon (:class:`agent.daemon.Daemon`: uplink, command processor, keeper).
@@ -80,10 +80,10 @@ def _figures(name: str, samples: list[float]) -> None:
 
 
 async def _api(root: Path) -> list[float]:
-    from agent.config import LifecycleConfig
-    from agent.keeper import SimKeeper
-    from agent.store import Store
-    from agent.trusted_time import TrustedClock
+    from agent.core.config import LifecycleConfig
+    from agent.core.store import Store
+    from agent.core.trusted_time import TrustedClock
+    from agent.sim.keeper import SimKeeper
     from drivers.channel import AtChannel
     from drivers.modem import Modem
     from drivers.simulator import SimulatedModem
@@ -162,7 +162,7 @@ def _mosquitto(root: Path) -> Any:
 
 @contextlib.asynccontextmanager
 async def _daemon(root: Path, port: int, modem: str, pub: Path) -> AsyncIterator[Any]:
-    from agent.config import parse
+    from agent.core.config import parse
     from agent.daemon import Daemon
 
     cfg = parse(

@@ -9,8 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.localbroker import find_mosquitto
-from agent.uplink import MqttUplink
+from agent.fleet.localbroker import find_mosquitto
+from agent.telemetry.mqtt import MqttUplink
 from tests.broker import Broker, Relay, fill, open_outbox, until, uplink_settings
 
 READINGS = 5000

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.csvtable import TableError, read_table
-from agent.manifest import normalise_iccid
+from agent.core.csvtable import TableError, read_table
+from agent.sim.manifest import normalise_iccid
 from drivers.parsers.identity import imei_valid
 from provisioning import birthlog
 from provisioning.bundle import META, Settings, check_device_id

@@ -2,14 +2,14 @@
 
 One directory, written whole by :mod:`provisioning.install`::
 
-    config.toml          agent config (agent.config schema), paths pointing into this directory
+    config.toml          agent config (agent.core.config schema), paths pointing into this directory
     device.key           EC P-256 private key, mode 0600, or 0640 root:simkeeper when installed
                          for the service's group (provisioning.owner)
     device.pem           certificate: CN = device id, SAN urn:simkeeper:device:<id>, clientAuth
     ca.pem               the CA that issued device.pem (and, by default, the broker's)
     broker-ca.pem        the broker's CA, when given apart (--broker-ca)
     operator.pub         the operator's Ed25519 command key (SubjectPublicKeyInfo PEM)
-    manifest.csv         the SIM manifest rows for this device (agent.manifest CSV)
+    manifest.csv         the SIM manifest rows for this device (agent.sim.manifest CSV)
     conformance.toml     the signed conformance list (or .json) and its detached signature,
     conformance.toml.sig   verified against operator.pub before it is bundled
     bundle.json          device id, IMEI, ICCID, cert fingerprint, SHA-256 of every file
@@ -25,9 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from agent import config
-from agent.conformance import ConformanceError, load_signed
-from agent.manifest import Manifest, ManifestError, load_manifest
+from agent.core import config
+from agent.sim.conformance import ConformanceError, load_signed
+from agent.sim.manifest import Manifest, ManifestError, load_manifest
 from provisioning import keys
 from provisioning.files import PUBLIC, SECRET, File, ProvisionError, read
 

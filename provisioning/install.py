@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
-from agent import config
+from agent.core import config
 from provisioning.bundle import CONFIG, ETC
 from provisioning.files import File, ProvisionError, fsync_dir, locked, make_dir, why, write_new
 

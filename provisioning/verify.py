@@ -10,9 +10,9 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import config
-from agent.conformance import ConformanceError, load_signed
-from agent.manifest import ManifestError, load_manifest
+from agent.core import config
+from agent.sim.conformance import ConformanceError, load_signed
+from agent.sim.manifest import ManifestError, load_manifest
 from provisioning import keys
 from provisioning.bundle import (
     CA,

@@ -1,7 +1,8 @@
 """A real mosquitto for the tests, a test PKI, a collecting subscriber, and TCP helpers.
 
 ``Broker`` runs mosquitto on a free loopback port with a temporary config (no persistence)
-and can be stopped, SIGKILLed and restarted on the same port (an agent.localbroker.LocalBroker).
+and can be stopped, SIGKILLed and restarted on the same port (an
+agent.fleet.localbroker.LocalBroker).
 ``make_pki`` builds a CA, a server and a client certificate, and a client certificate from
 another CA (``certificate`` and ``write_pem`` make more). ``Subscriber`` is
 a paho client on its own thread that records every message. ``Relay`` sits between the
@@ -31,11 +32,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.batch import decode_batch
-from agent.config import UplinkConfig
-from agent.localbroker import LocalBroker
-from agent.outbox import Outbox
-from agent.store import Store
+from agent.core.config import UplinkConfig
+from agent.core.store import Store
+from agent.fleet.localbroker import LocalBroker
+from agent.telemetry.batch import decode_batch
+from agent.telemetry.outbox import Outbox
 
 WAIT = 30.0  # upper bound of every wait: a failure, never a speed requirement
 

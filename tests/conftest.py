@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.localbroker import find_mosquitto
+from agent.fleet.localbroker import find_mosquitto
 from tests.broker import Broker, Pki, make_pki
 
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from agent.activation import Activator, AttemptFailed, reject_of, tcp_probe, udp_probe
+from agent.sim.activation import Activator, AttemptFailed, reject_of, tcp_probe, udp_probe
 from drivers.channel import AtChannel
 from drivers.modem import Modem
 from drivers.simulator import SimulatedModem

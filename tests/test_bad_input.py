@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from agent.store import Store
+from agent.core.store import Store
 from tests.broker import WAIT, Broker
 from tests.test_daemon import SIMKEEPER
 from tests.test_e2e_lifecycle import lifecycle_rig, operator_key

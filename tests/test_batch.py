@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.batch import BatchError, batch_id_for, decode_batch, encode_batch
+from agent.telemetry.batch import BatchError, batch_id_for, decode_batch, encode_batch
 
 
 @dataclass(frozen=True)

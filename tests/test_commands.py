@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.commands import CommandProcessor, Handler
-from agent.commands_args import SCHEMAS
+from agent.commands.args import SCHEMAS
+from agent.commands.processor import CommandProcessor, Handler
+from agent.core.signing import canonical_json
+from agent.core.store import Store
+from agent.core.trusted_time import TrustedNow
 from agent.fleet.sign import encode, make_envelope
-from agent.signing import canonical_json
-from agent.store import Store
-from agent.trusted_time import TrustedNow
 from provisioning.keys import public_pem, sign
 
 NOW = 1_750_000_000

@@ -12,9 +12,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.core.signing import canonical_json
+from agent.core.store import Store
 from agent.fleet.sign import make_envelope
-from agent.signing import canonical_json
-from agent.store import Store
 from tests.test_commands import DEVICE, NOW, Spy, processor, resign, signed
 
 COUNT = 10_000

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import config
-from agent.config import Config, ConfigError, load, parse
+from agent.core import config
+from agent.core.config import Config, ConfigError, load, parse
 
 REFERENCE = Path(__file__).resolve().parent.parent / "packaging" / "config.toml"
 CORE = """

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, parse
-from agent.keeper import SimKeeper, default_probe
-from agent.store import Store
+from agent.core.config import ConfigError, parse
+from agent.core.store import Store
+from agent.sim.keeper import SimKeeper, default_probe
 
 
 def test_defaults() -> None:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.conformance import (
+from agent.sim.conformance import (
     ConformanceError,
     ConformanceList,
     MalfunctionDetector,
@@ -22,7 +22,7 @@ from agent.conformance import (
     load_signed,
     parse_list,
 )
-from agent.conformance import check as judge
+from agent.sim.conformance import check as judge
 from drivers.modem import Identity
 
 LIST = b"""
@@ -247,6 +247,6 @@ def test_malfunction_trips_exactly_when_a_window_holds_threshold(times: list[flo
 
 
 def test_cryptography_is_loaded_only_to_verify() -> None:
-    code = ("import sys, agent.conformance, agent.lifecycle, agent.manifest;"
+    code = ("import sys, agent.sim.conformance, agent.sim.lifecycle, agent.sim.manifest;"
             " assert 'cryptography' not in sys.modules, 'loaded at import'")
     subprocess.run([sys.executable, "-c", code], check=True)

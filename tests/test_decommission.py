@@ -1,4 +1,4 @@
-"""Decommission (agent.decommission): the result goes up first, then the uplink stops, the
+"""Decommission (agent.sim.decommission): the result goes up first, then the uplink stops, the
 identity keys are wiped and the radio goes off; the agent then refuses to start until the
 gateway is re-provisioned (a device certificate with another fingerprint).
 
@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 
-from agent import decommission
-from agent.batch import decode_batch
-from agent.config import parse
+from agent.core.config import parse
+from agent.core.store import Store
 from agent.fleet.sign import make_envelope
-from agent.store import Store
+from agent.sim import decommission
+from agent.telemetry.batch import decode_batch
 from tests.broker import WAIT, Broker, Message, Pki, Subscriber, until
 from tests.test_daemon import DEVICE, SIMKEEPER, send_command
 from tests.test_e2e_lifecycle import lifecycle_rig, operator_key
@@ -291,7 +291,8 @@ def as_agent(*args: str) -> subprocess.CompletedProcess[str]:
     """``simkeeper ARGS`` in a forked child that became the agent's user: the interpreter
     itself may be out of that user's reach (a venv on root's pyenv), so everything it needs is
     imported before the fork."""
-    from agent import cli, cmd_run, cmd_status, cmd_wipe  # noqa: F401
+    from agent import cli
+    from agent.cli import status
 
     with tempfile.TemporaryFile("w+") as err:
         pid = os.fork()

@@ -51,7 +51,7 @@ def test_demo_shows_the_sim_lifecycle(demo_run: subprocess.CompletedProcess[str]
 
 
 def test_demo_without_mosquitto_says_what_to_install(tmp_path: str) -> None:
-    code = ("import shutil, os, sys; from agent import demo; shutil.which = lambda _: None;"
+    code = ("import shutil, os, sys; from agent.cli import demo; shutil.which = lambda _: None;"
             " os.access = lambda *_: False; from agent.cli import main;"
             " sys.exit(main(['demo', '--duration', '1']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

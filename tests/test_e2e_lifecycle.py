@@ -69,7 +69,7 @@ def _offset():
         _cache[1] = now
     return _cache[0]
 time.time = lambda: _base + (_mono() - _t0) + _offset()
-import agent.trusted_time as tt
+import agent.core.trusted_time as tt
 class _Unsynced:
     @staticmethod
     def adjtimex(_buf):

@@ -16,14 +16,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.batch import encode_entries
 from agent.cli import main
-from agent.commands import CommandProcessor, mqtt_callback
+from agent.commands.processor import CommandProcessor, mqtt_callback
+from agent.core.store import Store
 from agent.fleet.mqtt import BrokerOptions
 from agent.fleet.send import send
-from agent.outbox import Outbox
-from agent.store import Store
-from agent.uplink import MqttUplink
+from agent.telemetry.batch import encode_entries
+from agent.telemetry.mqtt import MqttUplink
+from agent.telemetry.outbox import Outbox
 from provisioning.keys import private_pem, public_pem
 from tests.broker import Broker, uplink_settings, wait_until
 from tests.test_commands import FakeClock, Spy

@@ -13,10 +13,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.batch import encode_entries
+from agent.core.backoff import Backoff
 from agent.fleet.flux_bridge import FluxBridge
 from agent.fleet.mqtt import BrokerOptions
-from agent.ratelimit import Backoff
+from agent.telemetry.batch import encode_entries
 from tests.broker import Broker, wait_until
 
 

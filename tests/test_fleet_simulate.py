@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from agent.fleet.localbroker import LocalBroker
 from agent.fleet.mqtt import FleetError
 from agent.fleet.simulate import check_capacity, fleet_broker
 from agent.fleet.simulate_fleet import Fleet, Options, device_id, iccid
 from agent.fleet.simulate_report import Observer, Report, measure_storm
-from agent.localbroker import LocalBroker
 from tests.broker import Subscriber, until
 
 N = 3

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from agent.ingest import IngestError, IngestServer, parse_line
-from agent.outbox import TELEMETRY, Outbox
-from agent.store import Store
+from agent.core.store import Store
+from agent.telemetry.ingest import IngestError, IngestServer, parse_line
+from agent.telemetry.outbox import TELEMETRY, Outbox
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_750_000_000.0
@@ -354,9 +354,9 @@ AGENT = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from agent.ingest import IngestServer
-    from agent.outbox import Outbox
-    from agent.store import Store
+    from agent.telemetry.ingest import IngestServer
+    from agent.telemetry.outbox import Outbox
+    from agent.core.store import Store
 
     async def main():
         store = Store(sys.argv[1])

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.activation import tcp_probe
-from agent.alarms import PASSED
-from agent.keeper import KeeperError, SimKeeper
-from agent.store import Store
+from agent.core.store import Store
+from agent.sim.activation import tcp_probe
+from agent.sim.alarms import PASSED
+from agent.sim.keeper import KeeperError, SimKeeper
 from tests.test_keeper_harness import (
     DAY,
     T0,
@@ -157,7 +157,7 @@ async def test_f_padding_and_vendor_shapes_never_make_a_swap(tmp_path: Path) -> 
     restart on another modem, from a store that recorded it padded."""
     store = Store(tmp_path / "simkeeper.db")
     try:
-        from agent.keeper_store import KeeperStore
+        from agent.sim.notes import KeeperStore
 
         KeeperStore(store).put("iccid.modem", ICCID.lower() + "f")
         async with echo_server() as (host, port):
@@ -212,7 +212,7 @@ async def test_orders_need_a_sim(tmp_path: Path) -> None:
 
 async def test_restart_mid_attempt_after_the_deadline_expires_without_trying(
         tmp_path: Path) -> None:
-    from agent.lifecycle import LifecycleRepository, SimRecord
+    from agent.sim.lifecycle import LifecycleRepository, SimRecord
 
     store = Store(tmp_path / "simkeeper.db")
     try:

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.activation import tcp_probe
-from agent.config import ConformanceConfig
-from agent.keeper import KeeperError
-from agent.store import Store
+from agent.core.config import ConformanceConfig
+from agent.core.store import Store
+from agent.sim.activation import tcp_probe
+from agent.sim.keeper import KeeperError
 from tests.test_keeper_harness import echo_server, rig, sign, state_of, until, write_signed_list
 
 # The simulator's Quectel EC25: IMEI 864692030541238, firmware EC25JFAR06A07M4G, network 440-10.

@@ -18,13 +18,13 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.activation import Probe, tcp_probe
-from agent.config import LifecycleConfig
-from agent.keeper import SimKeeper
-from agent.rejects import Backoff
-from agent.store import Store
-from agent.suspension import Runner, run_process
-from agent.trusted_time import TrustedClock
+from agent.core.config import LifecycleConfig
+from agent.core.store import Store
+from agent.core.trusted_time import TrustedClock
+from agent.sim.activation import Probe, tcp_probe
+from agent.sim.keeper import SimKeeper
+from agent.sim.rejects import Backoff
+from agent.sim.suspension import Runner, run_process
 from drivers.channel import AtChannel
 from drivers.modem import Modem
 from drivers.simulator import SimulatedModem

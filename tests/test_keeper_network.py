@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.activation import tcp_probe
+from agent.sim.activation import tcp_probe
 from tests.test_keeper_harness import echo_server, fast_backoff, rig, state_of, until
 
 

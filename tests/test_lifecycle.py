@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.lifecycle import (
+from agent.core.store import Store
+from agent.core.trusted_time import TrustedNow
+from agent.sim.lifecycle import (
     EVENTS,
     STATES,
     TRANSITIONS,
@@ -19,9 +21,7 @@ from agent.lifecycle import (
     SimRecord,
     events_emitter,
 )
-from agent.rejects import classify_mobility, classify_session
-from agent.store import Store
-from agent.trusted_time import TrustedNow
+from agent.sim.rejects import classify_mobility, classify_session
 
 ICCID = "8981100005819510018"
 OTHER = "8981100005819510026"

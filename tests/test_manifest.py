@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.manifest import (
+from agent.sim.manifest import (
     ManifestError,
     SimEntry,
     load_manifest,
@@ -16,7 +16,7 @@ from agent.manifest import (
     parse_deadline,
     parse_toml,
 )
-from drivers.parsers._common import luhn_valid
+from drivers.parsers import luhn_valid
 
 GOOD = "8981100005819510018"  # valid Luhn digit
 BAD_LUHN = "8981100005819510019"

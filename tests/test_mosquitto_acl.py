@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.localbroker import LocalBroker, free_port
+from agent.fleet.localbroker import LocalBroker, free_port
 from tests.broker import WAIT, certificate, new_key, wait_until, write_pem
 
 PACKAGING = Path(__file__).resolve().parent.parent / "packaging" / "mosquitto"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.events import Events
-from agent.outbox import AGE_FLOOR, EVENTS, TELEMETRY, Item, Outbox, OutboxError
-from agent.store import Store, StoreFull
+from agent.core.store import Store, StoreFull
+from agent.telemetry.events import Events
+from agent.telemetry.outbox import AGE_FLOOR, EVENTS, TELEMETRY, Item, Outbox, OutboxError
 
 NOW = 1_750_000_000.0
 

@@ -310,7 +310,7 @@ def test_exec_condition_skips_a_decommissioned_gateway() -> None:
 def test_wipe_units_run_root_wipe_identity_on_request() -> None:
     path = _unit(WIPE_PATH)
     service = _unit(WIPE_SERVICE)
-    request = "/var/lib/simkeeper/wipe-requested"  # StateDirectory= + agent.decommission
+    request = "/var/lib/simkeeper/wipe-requested"  # StateDirectory= + agent.sim.decommission
     assert path["Path"]["PathExists"] == request
     assert path["Path"]["Unit"] == WIPE_SERVICE.name
     assert path["Install"]["WantedBy"] == "multi-user.target"

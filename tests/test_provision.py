@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import config
 from agent.cli import main
-from drivers.parsers._common import luhn_digit
+from agent.core import config
+from drivers.parsers import luhn_digit
 from provisioning import keys
 from provisioning.ca import device_uri, issue, load_ca
 
@@ -349,8 +349,9 @@ def test_install_cert_checks_key_and_device_id(factory: Factory, tmp_path: Path,
 
 def test_agent_imports_do_not_load_cryptography() -> None:
     code = ("import sys\n"
-            "import agent.cli, agent.config, agent.outbox, agent.ingest, agent.manifest\n"
-            "import agent.cmd_provision, provisioning.batch, provisioning.verify\n"
+            "import agent.cli, agent.core.config, agent.telemetry.outbox, agent.telemetry.ingest\n"
+            "import agent.sim.manifest\n"
+            "import agent.cli.provision, provisioning.batch, provisioning.verify\n"
             "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography')\n"
             "print(loaded)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import config
+from agent.core import config
 from provisioning.install import current
 from tests.test_provision import ROOT, Factory, factory, gen_dir
 

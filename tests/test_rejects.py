@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.rejects import (
+from agent.sim.rejects import (
     Backoff,
     classify_ceer,
     classify_cme,

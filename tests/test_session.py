@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from agent.session import ModemSession
-from agent.usage import Counters
+from agent.modem.session import ModemSession
+from agent.usage.meter import Counters
 from drivers.simulator import SimulatedModem
 from tests.broker import until
 

@@ -12,17 +12,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.commands_sms import ModemSmsReply, SmsCommandReader
-from agent.fleet.sign import make_envelope
-from agent.signing import canonical_json
-from agent.sms_envelope import (
+from agent.commands.sms import ModemSmsReply, SmsCommandReader
+from agent.commands.sms_envelope import (
     PART_CHARS,
     SmsAssembler,
     SmsEnvelopeError,
     encode_sms,
     reply_text,
 )
-from agent.store import Store
+from agent.core.signing import canonical_json
+from agent.core.store import Store
+from agent.fleet.sign import make_envelope
 from drivers.channel import AtChannel
 from drivers.simulator import SimulatedModem
 from tests.test_commands import DEVICE, NOW, Spy, processor

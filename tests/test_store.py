@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.store import MIGRATIONS, Store, StoreError, StoreFull
+from agent.core.store import MIGRATIONS, Store, StoreError, StoreFull
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,8 +122,8 @@ async def test_run_uses_one_worker_thread(tmp_path: Path) -> None:
 WRITER = textwrap.dedent(
     """
     import sys
-    from agent.outbox import Outbox
-    from agent.store import Store
+    from agent.telemetry.outbox import Outbox
+    from agent.core.store import Store
     store = Store(sys.argv[1])
     outbox = Outbox(store, max_bytes=1 << 30, max_age=1e9)
     n = 0

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.activation import tcp_probe
-from agent.lifecycle import Suspension
-from agent.store import Store
-from agent.suspension import Enforcer, Want, ingest_refusal, plan, telemetry_allowed
+from agent.core.store import Store
+from agent.sim.activation import tcp_probe
+from agent.sim.lifecycle import Suspension
+from agent.sim.suspension import Enforcer, Want, ingest_refusal, plan, telemetry_allowed
 from tests.test_keeper_harness import Wall, echo_server, rig, state_of, until
 
 OPERATOR_RADIO = Suspension("radio", "operator", None, "order")

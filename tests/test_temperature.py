@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from agent.health import HealthReporter
-from agent.outbox import Outbox
-from agent.store import Store
+from agent.core.store import Store
+from agent.telemetry.health import HealthReporter
+from agent.telemetry.outbox import Outbox
 from drivers.at import AtCodec, Info, Urc
 from drivers.parsers import ParseError
 from drivers.parsers.thermal import Temperature, parse_cpmutemp, parse_qtemp, parse_tempmeas

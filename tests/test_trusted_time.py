@@ -6,8 +6,8 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.store import Store
-from agent.trusted_time import (
+from agent.core.store import Store
+from agent.core.trusted_time import (
     EARLIEST,
     Anchor,
     TrustedClock,

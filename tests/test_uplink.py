@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from agent.batch import ZLIB_MAGIC, decode_batch
-from agent.outbox import Outbox, Reading
-from agent.uplink import MqttUplink
+from agent.telemetry.batch import ZLIB_MAGIC, decode_batch
+from agent.telemetry.mqtt import MqttUplink
+from agent.telemetry.outbox import Outbox, Reading
 from tests.broker import (
     Broker,
     Relay,
@@ -297,7 +297,7 @@ async def test_a_backlog_tail_goes_at_once_a_fresh_partial_batch_waits(
     the last partial batch of a backlog is not held back again."""
     import time
 
-    from agent.store import Store
+    from agent.core.store import Store
 
     committed_at = [time.time() - 60.0]  # committed a minute ago, while the link was down
     outbox = Outbox(Store(tmp_path / "db"), max_bytes=1 << 20, max_age=86400.0,

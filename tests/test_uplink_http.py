@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.batch import decode_batch
-from agent.http_uplink import HttpUplink
-from agent.outbox import Outbox, Reading
+from agent.telemetry.batch import decode_batch
+from agent.telemetry.http import HttpUplink
+from agent.telemetry.outbox import Outbox, Reading
 from tests.broker import fill, open_outbox, until, uplink_settings
 
 TIMEOUT = 0.3  # the uplink's request timeout in these tests

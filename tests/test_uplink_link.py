@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, parse
-from agent.localbroker import free_port
-from agent.uplink import MqttUplink
+from agent.core.config import ConfigError, parse
+from agent.fleet.localbroker import free_port
+from agent.telemetry.mqtt import MqttUplink
 from tests.broker import (
     Broker,
     Kicker,
@@ -96,7 +96,7 @@ async def test_server_certificate_is_verified(broker: Broker, pki: Pki, tmp_path
 _AGENT = """
 import asyncio, sys
 from pathlib import Path
-from agent.uplink import MqttUplink
+from agent.telemetry.mqtt import MqttUplink
 from tests.broker import open_outbox, uplink_settings
 
 async def main() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.ratelimit import Backoff, RateLimiter, TokenBucket
+from agent.core.backoff import Backoff
+from agent.telemetry.pacing import RateLimiter, TokenBucket
 
 
 class VirtualTime:

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import Threshold, UsageConfig, parse
-from agent.events import Events
-from agent.outbox import EVENTS, USAGE, Outbox
-from agent.store import Store
-from agent.usage import Counters, UsageMeter, billing_period, read_kernel
+from agent.core.config import Threshold, UsageConfig, parse
+from agent.core.store import Store
+from agent.telemetry.events import Events
+from agent.telemetry.outbox import EVENTS, USAGE, Outbox
+from agent.usage.meter import Counters, UsageMeter, billing_period, read_kernel
 
 ICCID = "8981100000000000001"
 OTHER = "8981100000000000002"

@@ -4,7 +4,7 @@
   bridges in the same group split the load) at QoS 1, with a persistent session
   (``clean_start`` off, a session expiry), so a restarted bridge gets back what it had not
   acknowledged.
-- Decodes each batch with agent.batch (zlib or JSON) and POSTs it as JSON, one batch per
+- Decodes each batch with agent.telemetry.batch (zlib or JSON) and POSTs it as JSON, one batch per
   request, one at a time in arrival order.
 - Acknowledges the MQTT message (paho manual ack) only after a 2xx; anything else is retried
   with exponential backoff and full jitter, for as long as it takes. An undecodable payload
@@ -31,10 +31,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.batch import BatchError, decode_batch
+from agent.core.backoff import Backoff
 from agent.fleet import mqtt as fleet_mqtt
 from agent.fleet.mqtt import BrokerOptions
-from agent.ratelimit import Backoff
+from agent.telemetry.batch import BatchError, decode_batch
 
 log = logging.getLogger(__name__)
 

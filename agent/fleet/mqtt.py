@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.uplink_paho import tcp_no_delay
+from agent.telemetry.paho import tcp_no_delay
 
 
 class FleetError(Exception):

@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from agent.signing import canonical_json
+from agent.core.signing import canonical_json
 from provisioning.keys import sign
 
 if TYPE_CHECKING:

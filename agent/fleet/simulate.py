@@ -8,7 +8,7 @@ agent core allows: nothing in it is global. The broker is the one given (``--bro
 local mosquitto on a free loopback port; an operator key pair is made in the fleet directory
 and pinned by every agent, so signed commands work (``fleet send --key DIR/operator.key``).
 The agents and their fleet are in agent.fleet.simulate_fleet; the measurements and the report
-in agent.fleet.simulate_report; the broker is an agent.localbroker.LocalBroker.
+in agent.fleet.simulate_report; the broker is an agent.fleet.localbroker.LocalBroker.
 
 To fit a thousand agents on two cores the per-agent periods are long (modem, keeper and health
 polls every ``poll`` seconds, usage reports hourly), agents start in waves (no thundering herd
@@ -41,6 +41,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from agent.fleet.localbroker import BrokerError, LocalBroker, mosquitto_binary
 from agent.fleet.mqtt import FleetError
 from agent.fleet.simulate_fleet import Fleet, Options, device_id
 from agent.fleet.simulate_report import (
@@ -52,7 +53,6 @@ from agent.fleet.simulate_report import (
     rss_mib,
     settle,
 )
-from agent.localbroker import BrokerError, LocalBroker, mosquitto_binary
 
 # Open files per agent: store (database, -wal, -shm), ingest listener, MQTT socket and paho's
 # wake-up socket pair, the modem's pty (master, and the slave the simulator holds), the agent's

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.fleet.mqtt import FleetError
-from drivers.parsers._common import luhn_digit
+from drivers.parsers import luhn_digit
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,9 @@ class Fleet:
                 progress(len(self.agents))
 
     async def _start_agent(self, index: int) -> SimAgent:
-        from agent import config
+        from agent.core import config
+        from agent.core.sdnotify import Notifier
         from agent.daemon import Daemon
-        from agent.sdnotify import Notifier
         from drivers.simulator import SimulatedModem
 
         directory = self.root / device_id(index)

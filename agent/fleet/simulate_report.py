@@ -26,9 +26,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.fleet.localbroker import LocalBroker
 from agent.fleet.sign import encode, make_envelope
 from agent.fleet.simulate_fleet import POLL, Fleet, poll_until
-from agent.localbroker import LocalBroker
 
 # -- the operator's eyes: one MQTT client on the same loop ---------------------------------------
 
@@ -36,11 +36,11 @@ from agent.localbroker import LocalBroker
 class Observer:
     """Subscribes to ``{prefix}/#`` (and ``$SYS/broker/messages/+``): who is online, counts by
     topic, and the time each awaited ``cmd/result`` came. It is driven by the loop like the
-    agents' uplinks (agent.uplink_paho): past a thousand agents its socket's number is above
+    agents' uplinks (agent.telemetry.paho): past a thousand agents its socket's number is above
     1024, which paho's own select()-based thread cannot watch."""
 
     def __init__(self, host: str, port: int, prefix: str) -> None:
-        from agent.uplink_paho import PahoDriver
+        from agent.telemetry.paho import PahoDriver
 
         self.host, self.port, self.prefix = host, port, prefix
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2,

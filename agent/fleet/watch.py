@@ -17,8 +17,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.batch import BatchError, decode_batch
 from agent.fleet.mqtt import BrokerOptions, new_client, start, stop
+from agent.telemetry.batch import BatchError, decode_batch
 
 COLUMNS = ("DEVICE", "ONLINE", "SIM", "DEADLINE", "SUSPENDED", "USAGE", "LAST SEEN")
 

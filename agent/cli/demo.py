@@ -1,0 +1,275 @@
+"""``simkeeper demo``: the agent end to end on this machine, with a live view.
+
+Everything runs here, in temporary files: a simulated modem (``drivers.simulator``) plays a
+scenario on a real pty; a local mosquitto listens on a free loopback port; the real daemon
+(:class:`agent.daemon.Daemon`, in this process) owns the modem, the outbox and the uplink; a
+little app publishes sample readings through the ingest socket, as any app on a gateway would;
+and a subscriber shows what reaches the broker. The view refreshes until Ctrl-C (or
+``--duration`` seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any, TextIO
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.cli.errors import CliError
+from agent.core import config
+from agent.daemon import Daemon
+from agent.fleet.localbroker import BrokerError, LocalBroker
+from agent.telemetry.batch import BatchError, decode_batch
+from drivers.simulator import SimulatedModem, load_scenario
+
+DEMO_SCENARIO = Path(__file__).resolve().parents[2] / "drivers/simulator/scenarios/demo.toml"
+CLEAR = "\x1b[H\x1b[2J"
+DEVICE = "demo-gw"
+APP_TOPIC = "demo/room1"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scenario", type=Path, default=DEMO_SCENARIO,
+                        help="simulator scenario (default: the demo tour)")
+    parser.add_argument("--interval", type=float, default=2.0, help="refresh period, s")
+    parser.add_argument("--duration", type=float, default=0.0,
+                        help="stop after this many seconds (0: until Ctrl-C)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(demo(args.scenario, args.interval, args.duration, sys.stdout))
+    except BrokerError as exc:
+        raise CliError(1, str(exc)) from None
+    return 0
+
+
+class _Watcher:
+    """Subscribes to the device's topics; counts what arrives (paho's own thread: a viewer).
+    ``{prefix}/{device}/#`` takes in ``events`` too: those are kept apart, the last few."""
+
+    def __init__(self, port: int, base: str) -> None:
+        self.readings: Counter[str] = Counter()
+        self.last: deque[str] = deque(maxlen=6)
+        self.events: deque[str] = deque(maxlen=4)
+        self.status = "-"
+        self._lock = threading.Lock()
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        self._client.on_connect = lambda c, *_: c.subscribe(f"{base}/#", qos=1)
+        self._client.on_message = self._on_message
+        self._client.connect_async("127.0.0.1", port)
+        self._client.loop_start()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        name = msg.topic.split("/", 2)[-1]
+        with self._lock:
+            if name == "status":
+                self.status = msg.payload.decode(errors="replace")
+            elif name == "telemetry":
+                with contextlib.suppress(BatchError):
+                    for r in decode_batch(bytes(msg.payload))["readings"]:
+                        self.readings[r["topic"]] += 1
+                        self.last.append(f"{r['id']:>14}  {r['topic']:<13} "
+                                         f"{json.dumps(r['data'])[:60]}")
+            elif name == "events":
+                with contextlib.suppress(BatchError):
+                    for r in decode_batch(bytes(msg.payload))["readings"]:
+                        self.events.append(_event_line(r))
+            elif name not in ("state", "usage"):  # both shown above, from the daemon itself
+                self.last.append(f"{name:>14}  {msg.payload[:70].decode(errors='replace')}")
+
+    def view(self) -> list[str]:
+        with self._lock:
+            counts = ", ".join(f"{t}: {n}" for t, n in sorted(self.readings.items()))
+            return [f"status {self.status}; readings {counts or 'none yet'}", *self.last]
+
+    def recent_events(self) -> list[str]:
+        with self._lock:
+            return list(self.events)
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+def _event_line(reading: dict[str, Any]) -> str:
+    """``HH:MM:SS kind  field=value ...`` of one event as it arrived at the broker."""
+    data = reading.get("data")
+    ts = data.get("ts") if isinstance(data, dict) else None
+    stamp = time.strftime("%H:%M:%S", time.localtime(ts if isinstance(ts, int | float)
+                                                     else reading.get("ts", time.time())))
+    fields = data.items() if isinstance(data, dict) else [("data", data)]
+    detail = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
+                      for k, v in fields
+                      if k not in ("kind", "ts", "iccid") and v not in (None, {}, [], ""))
+    return f"{stamp} {reading.get('topic', '?')}  {detail}"
+
+
+async def _sample_app(path: Path) -> None:
+    """A sensor app: one reading a second over the ingest socket, each answered."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        n = 0
+        while True:
+            temp = round(21 + 2 * math.sin(n / 10), 2)
+            line = {"topic": APP_TOPIC, "data": {"temp_c": temp, "n": n}}
+            writer.write(json.dumps(line).encode() + b"\n")
+            await reader.readline()
+            n += 1
+            await asyncio.sleep(1)
+    finally:
+        writer.close()
+
+
+async def demo(scenario: Path, interval: float, duration: float, out: TextIO) -> None:
+    started = time.monotonic()
+    with (tempfile.TemporaryDirectory(prefix="simkeeper-demo-") as tmp,
+          LocalBroker(Path(tmp), ["persistence false"]) as broker):
+        directory, port = Path(tmp), broker.port
+        link = directory / "modem"
+        async with SimulatedModem(scenario=load_scenario(scenario), link=link):
+            cfg = config.parse(
+                f'device_id = "{DEVICE}"\n[modem]\nport = "{link}"\ndata_path = "agent"\n'
+                f"poll_interval = {interval}\n[health]\ninterval = 30.0\n"
+                f"[uplink]\nport = {port}\nbatch_max_latency = 1.0\n"
+                "rate_messages_per_minute = 600\n"  # a lively view; the default is 60
+                f'[store]\npath = "{directory / "state/simkeeper.db"}"\n'
+                f'[ingest]\nsocket = "{directory / "ingest.sock"}"\n'
+            )
+            daemon = Daemon(cfg)
+            stop = asyncio.Event()
+            agent = asyncio.create_task(daemon.run(stop))
+            serving = asyncio.create_task(daemon.serving.wait())
+            await asyncio.wait([agent, serving], return_when=asyncio.FIRST_COMPLETED)
+            if agent.done():
+                serving.cancel()
+                await agent  # raises why it could not start
+            watcher = _Watcher(port, f"{cfg.uplink.prefix}/{DEVICE}")
+            app = asyncio.create_task(_sample_app(cfg.ingest.socket))
+            try:
+                while not duration or time.monotonic() - started < duration:
+                    _draw(out, started, port, daemon, watcher)
+                    await asyncio.sleep(interval)
+            finally:
+                app.cancel()
+                await asyncio.gather(app, return_exceptions=True)
+                watcher.close()
+                stop.set()
+                await agent
+
+
+WIDTH = 80  # the view fits an 80x40 terminal
+
+
+def _draw(out: TextIO, started: float, port: int, daemon: Daemon, watcher: _Watcher) -> None:
+    elapsed = f"{time.monotonic() - started:5.1f}s"
+    lines = [f"simkeeper demo: agent {DEVICE}, broker 127.0.0.1:{port}, t+{elapsed}"
+             "  (Ctrl-C stops)", ""]
+    for session in daemon.sessions.values():
+        lines.append(f"modem {session.port}: {session.state}"
+                     + (f" ({session.detail})" if session.detail else ""))
+        if session.info:
+            lines += _modem_lines(session.info)
+        for iccid in [session.iccid] if session.iccid else []:
+            report = daemon.usage.report(iccid)
+            lines.append(f"usage: {report['bytes_up']} B up, {report['bytes_down']} B down"
+                         f" ({report['source']}), billed estimate {report['billed_estimate']} B")
+    lines += ["", *_lifecycle_lines(daemon.keeper.summary())]
+    count, size = daemon.outbox.depth()
+    up = daemon.uplink_state()
+    events = watcher.recent_events()
+    lines += [
+        "",
+        f"outbox: {count} readings waiting ({size} B)",
+        f"uplink: {up['kind']} {up['state']}, {up['readings_sent']} readings sent",
+        "",
+        "events (last 4):" if events else "events: none yet",
+        *(f"  {e}" for e in events),
+        "",
+        "at the broker:",
+        *watcher.view(),
+        "",
+        f"watch it yourself: mosquitto_sub -p {port} -t 'simkeeper/#' -v",
+    ]
+    text = "\n".join(line if len(line) <= WIDTH else line[: WIDTH - 1] + "~" for line in lines)
+    out.write((CLEAR if out.isatty() else "\n") + text + "\n")
+    out.flush()
+
+
+def _v(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _modem_lines(info: dict[str, Any]) -> list[str]:
+    """The ``modem info`` object in four lines."""
+    sim, reg, op, sig = info["sim"], info["registration"], info["operator"], info["signal"]
+    cause = f", reject cause {reg['reject_cause']}" if reg["reject_cause"] is not None else ""
+    return [
+        f"  {_v(info['manufacturer'])} {_v(info['model'])} {_v(info['revision'])},"
+        f" IMEI {_v(info['imei'])}, radio {_v(info['radio'])}",
+        f"  SIM {sim['state']}, ICCID {_v(sim['iccid'])}, IMSI {_v(sim['imsi'])}",
+        f"  {reg['state']} {_v(reg['act'])} on {_v(op['name'])} ({_v(op['mcc_mnc'])}),"
+        f" TAC {_v(reg['tac'] or reg['lac'])} cell {_v(reg['cell_id'])}{cause}",
+        f"  signal RSSI {_v(sig['rssi_dbm'])} dBm, RSRP {_v(sig['rsrp_dbm'])} dBm,"
+        f" RSRQ {_v(sig['rsrq_db'])} dB, SINR {_v(sig['sinr_db'])} dB",
+    ]
+
+
+def _countdown(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    return f"{days}d {rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+
+
+def _lifecycle_lines(sim: dict[str, Any] | None) -> list[str]:
+    """The SIM in the slot, from the keeper: state, deadline countdown, suspension, verdict."""
+    if sim is None:
+        return ["SIM lifecycle: no SIM seen yet"]
+    if sim["activated_at"] is not None:
+        deadline = "activated " + time.strftime("%Y-%m-%d %H:%M",
+                                                time.localtime(sim["activated_at"]))
+    elif sim["deadline"] is None:
+        deadline = "no activation deadline known"
+    elif sim["time_left"] is not None and sim["time_left"] > 0:
+        deadline = f"deadline in {_countdown(sim['time_left'])}"
+    elif sim["trusted_time"] in (None, "none", "untrusted"):
+        deadline = "deadline: no trusted time, treated as due"
+    else:
+        deadline = "deadline passed"
+    lines = [f"SIM lifecycle: {sim['iccid']} {sim['state']}",
+             f"  {deadline} (trusted time: {_v(sim['trusted_time'])})"]
+    susp = sim["suspension"]
+    if susp is None:
+        lines.append("  suspension: none" + ("" if sim["telemetry_allowed"]
+                                              else "; telemetry held"))
+    else:
+        until = (", until " + time.strftime("%H:%M:%S", time.localtime(susp["until"]))
+                 if susp["until"] else "")
+        lines.append(f"  suspension: {susp['scope']} by {susp['source']}{until}"
+                     + (f" ({susp['reason']})" if susp["reason"] else "")
+                     + ("" if sim["telemetry_allowed"] else "; telemetry held"))
+    verdict = sim["conformance"]
+    if verdict is None:
+        lines.append("  conformance: not checked yet")
+    else:
+        why = "; ".join(f"{f['check']}: {f['reason']}" for f in verdict["failures"])
+        lines.append(f"  conformance: {'conforming' if verdict['conforming'] else 'NOT conforming'}"
+                     f" ({verdict['policy']}, {_v(verdict['terminal'])})"
+                     + (f": {why}" if why else ""))
+    activation = sim["activation"]
+    if sim["activated_at"] is None and activation and activation["attempts"]:
+        lines.append(f"  activation: {activation['attempts']} attempts"
+                     + (f", last error: {activation['last_error']}"
+                        if activation["last_error"] else ""))
+    return lines

@@ -1,0 +1,177 @@
+"""``simkeeper fleet``: the operator's side. Sign and send commands, watch devices, bridge
+telemetry to SORACOM Flux.
+
+    fleet keygen --out DIR                         DIR/operator.key (0600) and operator.pub
+    fleet send DEVICE NAME [--arg k=v ...]         sign, publish on cmd, print the cmd/result
+    fleet send --all FILE NAME [--arg k=v ...]     the same for every device listed in FILE
+    fleet watch [--once]                           the fleet as a table
+    fleet flux-bridge --webhook URL                telemetry -> Flux incoming webhook
+    fleet simulate N [--broker H:P] [--report]     N agents with simulated modems, this process
+
+``send`` exits 1 when any device refused, failed or did not answer within ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from pathlib import Path
+
+from agent.cli.errors import CliError, UsageError
+from agent.fleet.mqtt import FleetError, add_broker_arguments, options_from, parse_broker
+from provisioning.files import ProvisionError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = sub.add_parser("keygen", help="the operator's Ed25519 command key pair")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+
+    p = sub.add_parser("send", help="sign a command, publish it, print the device's result")
+    p.add_argument("device", nargs="?", metavar="DEVICE", help="device id (or use --all)")
+    p.add_argument("name", metavar="NAME", help="command: suspend, resume, get-state, ...")
+    p.add_argument("--arg", action="append", default=[], metavar="K=V",
+                   help="argument (V as JSON when it parses, @FILE for a file's text)")
+    p.add_argument("--key", type=Path, default=Path(os.environ.get(
+        "SIMKEEPER_OPERATOR_KEY", "operator.key")), help="operator private key (PEM)")
+    p.add_argument("--all", type=Path, metavar="FILE", help="device ids, one a line")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S")
+    p.add_argument("--ttl", type=int, default=300, metavar="S", help="validity (default 300)")
+    add_broker_arguments(p)
+
+    p = sub.add_parser("watch", help="the fleet from retained status and state: a live table")
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S")
+    add_broker_arguments(p)
+
+    p = sub.add_parser("flux-bridge", help="telemetry to a SORACOM Flux incoming webhook")
+    p.add_argument("--webhook", required=True, metavar="URL")
+    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
+    p.add_argument("--client-id", default=f"simkeeper-flux-bridge-{os.uname().nodename}")
+    p.add_argument("--group", default="simkeeper-bridge", help="shared subscription group")
+    add_broker_arguments(p)
+
+    p = sub.add_parser("simulate", help="N complete agents with simulated modems in this"
+                       " process, against one broker; --report measures it")
+    p.add_argument("n", type=int, metavar="N", help="how many agents")
+    p.add_argument("--broker", type=parse_broker, default=None, metavar="HOST:PORT",
+                   help="default: a local mosquitto on a free port (needed for the storm)")
+    p.add_argument("--duration", type=float, default=0.0, metavar="S",
+                   help="stop after S seconds (default: Ctrl-C, or the end of --report)")
+    p.add_argument("--report", action="store_true",
+                   help="measure: messages/s, command round trip, connect storm")
+    p.add_argument("--dir", type=Path, help="keep the agents' files here (default: temporary)")
+    p.add_argument("--prefix", default="simkeeper", help="topic prefix (default simkeeper)")
+    p.add_argument("--poll", type=float, default=300.0, metavar="S",
+                   help="modem, keeper and health period per agent (default 300)")
+    p.add_argument("--telemetry", type=float, default=60.0, metavar="S",
+                   help="one reading per agent every S seconds via ingest (0: none)")
+    p.add_argument("--wave", type=int, default=50, help="agents started per wave (default 50)")
+    p.add_argument("--sample", type=int, default=100, help="commands timed one at a time")
+    p.add_argument("--steady", type=float, default=20.0, metavar="S",
+                   help="length of the steady phase measured (default 20)")
+    p.add_argument("--down", type=float, default=2.0, metavar="S",
+                   help="how long the killed broker stays down (default 2)")
+
+
+def _devices(args: argparse.Namespace) -> list[str]:
+    if (args.all is None) == (args.device is None):
+        raise UsageError("give one DEVICE or --all FILE")
+    if args.device is not None:
+        return [args.device]
+    try:
+        lines = args.all.read_text().splitlines()
+    except OSError as exc:
+        raise FleetError(f"cannot read {args.all}: {exc.strerror}") from None
+    devices = [d.strip() for d in lines if d.strip() and not d.lstrip().startswith("#")]
+    if not devices:
+        raise FleetError(f"{args.all} lists no device")
+    return devices
+
+
+def _send(args: argparse.Namespace) -> int:
+    from agent.commands.args import SCHEMAS
+    from agent.fleet.send import parse_arg, send
+    from provisioning.keys import load_ed25519_private
+
+    devices = _devices(args)
+    if args.name not in SCHEMAS:
+        raise UsageError(f"unknown command {args.name!r} (known: {', '.join(sorted(SCHEMAS))})")
+    try:
+        cmd_args = dict(parse_arg(a) for a in args.arg)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    key = load_ed25519_private(args.key, "operator key")
+    outcomes = send(options_from(args), key, devices, args.name, cmd_args,
+                    timeout=args.timeout, ttl=args.ttl)
+    for outcome in outcomes:
+        print(outcome.line(), flush=True)
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from agent.fleet.watch import Watcher
+
+    watcher = Watcher(options_from(args))
+    watcher.start()
+    try:
+        if args.once:
+            watcher.settle()
+            print(watcher.snapshot())
+            return 0
+        while True:
+            print("\x1b[H\x1b[2J" + watcher.snapshot(), flush=True)
+            time.sleep(args.interval)
+    finally:
+        watcher.stop()
+
+
+def _bridge(args: argparse.Namespace) -> int:
+    from agent.fleet.flux_bridge import FluxBridge
+
+    headers = {}
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise UsageError(f"--header wants NAME:VALUE, got {item!r}")
+        headers[name.strip()] = value.strip()
+    if not args.webhook.startswith(("http://", "https://")):
+        raise UsageError("--webhook must be an http:// or https:// URL")
+    bridge = FluxBridge(options_from(args), args.webhook, client_id=args.client_id,
+                        group=args.group, headers=headers)
+    bridge.run(threading.Event())
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from provisioning.ca import ed25519_pair
+    from provisioning.keys import key_id, load_ed25519_public
+
+    private, public = ed25519_pair(args.out, "operator")
+    print(f"{private} {public} key id {key_id(load_ed25519_public(public))}")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from agent.fleet.simulate import simulate
+    from agent.fleet.simulate_fleet import Options
+
+    if args.n < 1 or args.wave < 1 or args.poll <= 0 or args.telemetry < 0 or args.sample < 0:
+        raise UsageError("N and --wave must be >= 1, --poll > 0, --telemetry and --sample >= 0")
+    return simulate(Options(
+        n=args.n, broker=args.broker, duration=args.duration, report=args.report,
+        directory=args.dir, prefix=args.prefix, poll=args.poll, telemetry=args.telemetry,
+        wave=args.wave, sample=args.sample, steady=args.steady, down=args.down))
+
+
+_ACTIONS = {"keygen": _keygen, "send": _send, "watch": _watch, "flux-bridge": _bridge,
+            "simulate": _simulate}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _ACTIONS[args.action](args)
+    except (FleetError, ProvisionError) as exc:
+        raise CliError(1, str(exc)) from None

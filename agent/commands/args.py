@@ -1,0 +1,109 @@
+"""The argument schema of each command, as data: a command's ``args`` hold exactly the fields
+listed for it, each of its type. :func:`validate` returns the arguments a handler gets, or
+raises :class:`ArgError` (the processor answers "bad arguments")."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from agent.sim.lifecycle import SCOPES
+
+
+class ArgError(ValueError):
+    """The arguments do not fit the command's schema; the message says which and why."""
+
+
+Check = Callable[[Any], Any]
+_MAX_TIME = 1 << 40
+
+
+def _int(lo: int, hi: int) -> Check:
+    def check(value: Any) -> int:
+        if type(value) is not int or not lo <= value <= hi:
+            raise ArgError(f"an integer in {lo}..{hi}")
+        return value
+    return check
+
+
+def _text(max_len: int, pattern: str | None = None, what: str = "") -> Check:
+    compiled = re.compile(pattern) if pattern else None
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or len(value) > max_len or (
+                compiled is not None and not compiled.fullmatch(value)):
+            raise ArgError(what or f"a string of at most {max_len} characters")
+        return value
+    return check
+
+
+def _choice(*values: str) -> Check:
+    def check(value: Any) -> str:
+        if value not in values:
+            raise ArgError(f"one of {', '.join(values)}")
+        return str(value)
+    return check
+
+
+def _nullable(inner: Check) -> Check:
+    def check(value: Any) -> Any:
+        return None if value is None else inner(value)
+    return check
+
+
+def _pem(value: Any) -> str:
+    from agent.core.signing import SigningError, load_public_key
+
+    if not isinstance(value, str) or len(value) > 4096:
+        raise ArgError("an Ed25519 public key PEM (SubjectPublicKeyInfo)")
+    try:
+        load_public_key(value.encode())
+    except SigningError as exc:
+        raise ArgError(f"an Ed25519 public key PEM ({exc})") from None
+    return value
+
+
+_TIME = _int(0, _MAX_TIME)
+_ICCID = _text(23, r"[0-9]{18,22}[Ff]?", "an ICCID (18-22 digits)")
+_REASON = _text(200)
+
+# name -> field -> (required, check). A name missing here is an unknown command.
+SCHEMAS: Mapping[str, Mapping[str, tuple[bool, Check]]] = {
+    "suspend": {"scope": (True, _choice(*SCOPES)), "until": (False, _TIME),
+                "reason": (False, _REASON)},
+    "resume": {"reason": (False, _REASON)},
+    "set-activation-deadline": {"iccid": (False, _ICCID), "deadline": (True, _TIME)},
+    "activate": {},
+    "report-usage": {},
+    "get-state": {},
+    "set-plan": {"iccid": (True, _ICCID), "bytes": (True, _nullable(_int(1, 1 << 60))),
+                 "cycle_day": (False, _int(1, 28))},
+    "reset-modem": {},
+    "update-conformance": {"list": (True, _text(1 << 20)),
+                           "signature": (True, _text(100, r"[A-Za-z0-9_-]+")),
+                           "format": (False, _choice("toml", "json"))},
+    "clear-malfunction": {},
+    "decommission": {},
+    "rotate-key": {"public_key": (True, _pem)},
+}
+NAMES = frozenset(SCHEMAS)
+
+
+def validate(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """``args`` checked against ``name``'s schema (``name`` must be in :data:`SCHEMAS`)."""
+    schema = SCHEMAS[name]
+    unknown = sorted(set(args) - set(schema))
+    if unknown:
+        raise ArgError(f"unknown argument {unknown[0][:40]!r} for {name}")
+    out: dict[str, Any] = {}
+    for key, (required, check) in schema.items():
+        if key not in args:
+            if required:
+                raise ArgError(f"{name} needs {key!r}")
+            continue
+        try:
+            out[key] = check(args[key])
+        except ArgError as exc:
+            raise ArgError(f"{key} must be {exc}") from None
+    return out

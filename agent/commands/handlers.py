@@ -1,0 +1,94 @@
+"""What each signed command does on this gateway: the handlers of the command processor.
+
+:mod:`agent.commands.processor` decides whether a command may run; this module only says
+what running it means, in terms of the parts the daemon owns: the SIM keeper (lifecycle
+orders), the usage meter (plans, reports), the modem sessions (reset) and the state the
+daemon publishes. A handler returns the result's detail; what it changes shows in ``state``
+and ``events``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from agent.commands.processor import Handler
+from agent.sim.conformance import Format
+from agent.sim.keeper import KeeperError, SimKeeper
+from agent.usage.meter import UsageMeter
+
+
+class Orders(Protocol):
+    """The daemon as the handlers see it."""
+
+    keeper: SimKeeper
+    usage: UsageMeter
+
+    def state(self) -> dict[str, Any]: ...
+    async def reset_modem(self) -> str: ...
+    def decommission(self) -> str: ...
+    async def in_store(self, fn: Callable[[], Any]) -> Any: ...
+
+
+def handlers(d: Orders) -> Mapping[str, Handler]:
+    keeper = d.keeper
+
+    def suspend(args: dict[str, Any]) -> str:
+        keeper.suspend(args["scope"], until=args.get("until"), reason=args.get("reason", ""))
+        return f"suspended ({args['scope']})"
+
+    def resume(args: dict[str, Any]) -> str:
+        keeper.resume(args.get("reason") or "order")
+        return "resumed"
+
+    def set_deadline(args: dict[str, Any]) -> str:
+        keeper.set_deadline(float(args["deadline"]), args.get("iccid"))
+        return "deadline set"
+
+    def activate(_: dict[str, Any]) -> str:
+        keeper.activate()
+        return "activation started"
+
+    def decommission(_: dict[str, Any]) -> str:
+        # agent.sim.decommission: this result goes up first, then the uplink stops, the identity
+        # keys are wiped and the radio goes off.
+        return d.decommission()
+
+    def clear_malfunction(_: dict[str, Any]) -> str:
+        if not keeper.clear_malfunction():
+            raise KeeperError("no malfunction to clear")
+        return "malfunction cleared"
+
+    def update_conformance(args: dict[str, Any]) -> str:
+        fmt: Format = args.get("format") or "toml"
+        keeper.update_conformance(args["list"].encode(), args["signature"], fmt)
+        return "conformance list installed"
+
+    async def set_plan(args: dict[str, Any]) -> str:
+        await d.in_store(lambda: d.usage.set_plan(args["iccid"], args["bytes"],
+                                                  args.get("cycle_day")))
+        return "plan set"
+
+    async def report_usage(_: dict[str, Any]) -> str:
+        ids = await d.in_store(d.usage.publish)
+        return f"{len(ids)} usage report(s) queued"
+
+    def get_state(_: dict[str, Any]) -> dict[str, Any]:
+        return d.state()
+
+    def reset_modem(_: dict[str, Any]) -> Awaitable[str]:
+        return d.reset_modem()
+
+    return {
+        "suspend": suspend,
+        "resume": resume,
+        "set-activation-deadline": set_deadline,
+        "activate": activate,
+        "decommission": decommission,
+        "clear-malfunction": clear_malfunction,
+        "update-conformance": update_conformance,
+        "set-plan": set_plan,
+        "report-usage": report_usage,
+        "get-state": get_state,
+        "reset-modem": reset_modem,
+    }

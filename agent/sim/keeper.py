@@ -1,0 +1,336 @@
+"""The SIM keeper: keeps the SIM in the slot of one modem inside its service terms.
+
+One task (:meth:`SimKeeper.run`) owns every command the keeper sends; orders (suspend, resume,
+set-activation-deadline, activate, decommission, clear-malfunction, update-conformance) only
+change the lifecycle and wake it, so nothing races on the modem. Each round:
+
+1. maintenance (:class:`agent.sim.slot.SimSlot`): set-up after attach or a modem reset, the
+   network's time, the ICCID (a swap opens the new SIM's lifecycle), the lifecycle's tick and
+   deadline alarms, the conformance verdict, and enforcement of the radio and data state, so a
+   modem that rebooted with its radio on is put back to ``+CFUN=4`` at once (its reset wakes
+   the keeper);
+2. then, by state: activation attempts retried with backoff
+   (:class:`agent.sim.activation_loop.ActivationLoop`); a rare probe of a SIM the network barred,
+   or the watch on an active SIM (:class:`agent.sim.network_watch.NetworkWatch`).
+
+The daemon attaches the keeper to a modem session's channel (:meth:`attach` / :meth:`detach`),
+hands :meth:`telemetry_allowed` to the uplink and :meth:`accepting` to the ingest server, and
+publishes :meth:`summary` in ``state`` and ``simkeeper status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.core.config import Config, ConformanceConfig, LifecycleConfig, canonical_iccid
+from agent.core.store import Store
+from agent.core.trusted_time import TrustedClock, load_anchor, save_anchor
+from agent.sim.activation import Activator, Probe, default_probe
+from agent.sim.activation_loop import ActivationLoop
+from agent.sim.conformance import ConformanceError, Format
+from agent.sim.lifecycle import LifecycleError, LifecycleRepository, Scope
+from agent.sim.network_watch import NetworkWatch
+from agent.sim.notes import KeeperStore
+from agent.sim.rejects import Backoff
+from agent.sim.shared import FATAL, CountedChannel, Interrupted, KeeperChannel, KeeperError, Wake
+from agent.sim.slot import SimSlot
+from agent.sim.suspension import Enforcer, Runner, ingest_refusal, run_process, telemetry_allowed
+from agent.sim.terminal_guard import TerminalGuard
+from drivers.at import Urc
+from drivers.errors import ModemError
+from drivers.modem import Modem
+from drivers.vendors import GENERIC, Profile
+
+__all__ = ["KeeperChannel", "KeeperError", "SimKeeper", "default_probe"]
+
+log = logging.getLogger(__name__)
+
+_TIME_URCS = ("+CTZV", "+CTZE", "+QLTS", "+NITZ", "+CTZEU")
+_REG_URCS = ("+CREG", "+CGREG", "+CEREG", "+C5GREG", "+CGEV")
+
+
+class SimKeeper:
+    def __init__(
+        self,
+        store: Store,
+        emit: Callable[..., Any],
+        *,
+        lifecycle: LifecycleConfig | None = None,
+        conformance: ConformanceConfig | None = None,
+        operator_key: Path | None = None,
+        data_path: str = "agent",
+        nm_connection: str | None = None,
+        probe: Probe | None = None,
+        uplink: tuple[str, int] | None = None,
+        clock: TrustedClock | None = None,
+        backoff: Backoff | None = None,
+        runner: Runner = run_process,
+        mono: Callable[[], float] = time.monotonic,
+        on_change: Callable[[], None] = lambda: None,
+        slot: str = "modem",
+        register_poll: float = 2.0,
+    ) -> None:
+        self.cfg = lc = lifecycle or LifecycleConfig()
+        conf = conformance or ConformanceConfig()
+        self._emit_raw = emit
+        self._on_change = on_change
+        notes = KeeperStore(store)
+        self.clock = clock or TrustedClock(anchor=load_anchor(store),
+                                           persist=lambda a: save_anchor(store, a))
+        self._backoff = backoff or Backoff(base=lc.retry_base, cap=lc.retry_cap,
+                                           min_delay=lc.retry_min, urgent_cap=lc.retry_urgent,
+                                           probe=lc.network_probe_interval)
+        self.guard = TerminalGuard(
+            notes, list_path=conf.list, signature_path=conf.signature,
+            key_path=operator_key, malfunction_resets=conf.malfunction_resets,
+            malfunction_window=conf.malfunction_window, mono=mono)
+        activator = Activator(probe or default_probe(lc, uplink), cid=lc.cid,
+                              register_timeout=lc.register_timeout, register_poll=register_poll)
+        self._wake = Wake()
+        self._sim = SimSlot(
+            lc, repo=LifecycleRepository(store), notes=notes, clock=self.clock, guard=self.guard,
+            enforcer=Enforcer(data_path=data_path, runner=runner, nm_connection=nm_connection),
+            emit=self._emit, mono=mono, slot=slot, on_swap=self._swapped)
+        self._network = NetworkWatch(self._sim, activator, self._backoff, self._wake, mono)
+        self._activation = ActivationLoop(self._sim, activator, self._backoff,
+                                          network=self._network, wake=self._wake,
+                                          maintain=self._maintain)
+        self._unlisten: list[Callable[[], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.last_error: str | None = None  # the last modem error of a round
+
+    @classmethod
+    def from_config(cls, cfg: Config, store: Store, emit: Callable[..., Any],
+                    **kwargs: Any) -> SimKeeper:
+        kwargs.setdefault("uplink", (cfg.uplink.host, cfg.uplink.port))
+        return cls(store, emit, lifecycle=cfg.lifecycle, conformance=cfg.conformance,
+                   operator_key=cfg.commands.operator_key, data_path=cfg.modem.data_path,
+                   nm_connection=cfg.modem.nm_connection, **kwargs)
+
+    @property
+    def next_delay(self) -> float | None:
+        """The last backoff delay chosen."""
+        return self._sim.next_delay
+
+    # -- running -----------------------------------------------------------------------------
+
+    def start(self) -> asyncio.Task[None]:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self.run(), name="sim-keeper")
+        return self._task
+
+    async def stop(self) -> None:
+        self.detach()
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def attach(self, channel: KeeperChannel, profile: Profile = GENERIC) -> None:
+        """A modem is ready on ``channel`` (after :meth:`Modem.init`; ``profile`` is what it
+        identified). The keeper listens to its resets and URCs and takes it from here."""
+        self.detach()
+        self._sim.modem = Modem(CountedChannel(channel, self.note_timeout), profile)
+        self._unlisten = [channel.add_reset_listener(self.note_reset),
+                          channel.add_urc_listener(self._on_urc)]
+        self._sim.setup_needed = True
+        self._kick()
+
+    def detach(self) -> None:
+        """The modem's port is gone (the session will attach again when it is back)."""
+        for remove in self._unlisten:
+            remove()
+        self._unlisten = []
+        self._sim.modem = None
+
+    async def run(self) -> None:
+        self._stopping = False
+        self.guard.load()
+        self.reload_manifest()
+        while not self._stopping:
+            delay = self.cfg.poll_interval
+            modem = self._sim.modem
+            if modem is not None:
+                try:
+                    await self._round(modem)
+                    delay = self._network.delay(self.cfg.poll_interval)
+                except Interrupted:
+                    delay = 0.0
+                except FATAL as exc:
+                    log.warning("SIM keeper: modem port lost: %s", exc)
+                    if self._sim.modem is modem:
+                        self.detach()
+                except ModemError as exc:
+                    self.last_error = str(exc)
+                    log.warning("SIM keeper: %s", exc)
+                    delay = min(delay, 5.0) if self._dirty else delay
+                except (LifecycleError, ValueError) as exc:  # an order raced the round
+                    log.warning("SIM keeper: %s", exc)
+                    delay = 0.0
+                self._changed()
+            await self._wake.pause(delay)
+
+    async def _round(self, modem: Modem) -> None:
+        await self._maintain(modem)
+        sim = self._sim
+        lc = sim.lc
+        if lc is None:
+            return
+        if sim.wants_activation():
+            await self._activation.run(modem)
+        elif sim.network_barred() and sim.may_emit()[0]:
+            await self._network.barred(modem)
+        elif lc.state == "active" and sim.may_emit()[0]:
+            await self._network.watch(modem)
+
+    async def _maintain(self, modem: Modem) -> None:
+        self._wake.dirty = False
+        await self._sim.maintain(modem)
+
+    def _swapped(self) -> None:
+        self._network.reset()  # the new SIM is neither barred nor backed off
+
+    @property
+    def _dirty(self) -> bool:
+        return self._wake.dirty
+
+    def _kick(self) -> None:
+        self._wake.kick()
+
+    def _changed(self) -> None:
+        try:
+            self._on_change()
+        except Exception:
+            log.exception("SIM keeper on_change hook failed")
+
+    def _emit(self, kind: str, /, **fields: Any) -> None:
+        try:
+            self._emit_raw(kind, **fields)
+        except Exception:
+            log.exception("SIM keeper: event %s not emitted", kind)
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def note_timeout(self) -> None:
+        """A command to the modem hung (the session's polls call this too)."""
+        self._malfunction_signal("command timeout")
+
+    def note_reset(self, reason: str) -> None:
+        """The modem restarted (the channel's reset listener): re-apply everything."""
+        self._sim.setup_needed = True
+        self._malfunction_signal(f"modem reset ({reason})")
+        self._kick()
+
+    def _malfunction_signal(self, what: str) -> None:
+        if self.guard.record(what):
+            malfunction = self.guard.malfunction or {}
+            log.error("terminal malfunction: %s; radio off until an order clears it",
+                      malfunction.get("reason"))
+            self._emit("malfunction", iccid=self.iccid, reason=malfunction.get("reason"),
+                       message="terminal malfunction: radio off, waiting for an order")
+            self._kick()
+
+    def _on_urc(self, urc: Urc) -> None:
+        prefix = urc.prefix
+        want = self._sim.want
+        if prefix == "+CPIN":
+            self._kick()  # a SIM inserted, removed or swapped
+        elif prefix in _TIME_URCS:
+            self._sim.next_time_sync = 0.0
+            self._wake.poke()
+        elif prefix in _REG_URCS and want is not None and want.data_down:
+            self._wake.poke()  # a re-attach may have brought a context back up
+
+    # -- orders (the commands module calls these; each raises KeeperError or LifecycleError) --
+
+    def suspend(self, scope: Scope, until: float | None = None, reason: str = "") -> None:
+        self._sim.current().suspend(scope, until, reason)
+        self._kick()
+
+    def resume(self, reason: str = "order") -> None:
+        self._sim.current().resume(reason)
+        self._backoff.reset()
+        self._kick()
+
+    def set_deadline(self, deadline: float, iccid: str | None = None) -> None:
+        if iccid is not None and not self._sim.is_current(iccid):
+            self._sim.open(canonical_iccid(iccid)).set_deadline(deadline)
+        else:
+            self._sim.current().set_deadline(deadline)
+        self._kick()
+
+    def activate(self) -> None:
+        """Try now (the ``activate`` order): the backoff starts over."""
+        lc = self._sim.current()
+        if lc.state not in ("awaiting-activation", "activating", "active"):
+            raise KeeperError(f"SIM {lc.iccid} is {lc.state}: nothing to activate")
+        self._backoff.reset()
+        self._kick()
+
+    def decommission(self, *, announce: bool = True) -> None:
+        """The contract ended: radio off for good, lifecycle ``terminated``; the SIM goes back.
+        ``announce=False``: the caller (:mod:`agent.sim.decommission`) emitted the event itself."""
+        lc = self._sim.current()
+        lc.decommission()
+        if announce:
+            self._emit("decommissioned", iccid=lc.iccid,
+                       message="decommissioned: return the SIM")
+        self._kick()
+
+    def retire(self) -> None:
+        """The gateway was decommissioned: radio off (``+CFUN=0``) and no activation for any
+        SIM in the slot, re-applied every round, until this process ends."""
+        self._sim.retired = True
+        self._kick()
+
+    def clear_malfunction(self) -> bool:
+        cleared = self.guard.clear_malfunction()
+        if cleared:
+            self._emit("malfunction-cleared", iccid=self.iccid)
+        self._kick()
+        return cleared
+
+    def update_conformance(self, data: bytes, signature: str, fmt: Format) -> None:
+        try:
+            self.guard.update(data, signature, fmt)
+        except ConformanceError as exc:
+            raise KeeperError(f"conformance list refused: {exc}") from None
+        self._sim.reported = False  # report the new verdict
+        self._kick()
+
+    def reload_manifest(self, path: Path | None = None) -> None:
+        path = path or self.cfg.manifest
+        if path is not None:
+            self._sim.load_manifest(path)
+
+    # -- gates and what it shows -------------------------------------------------------------
+
+    @property
+    def iccid(self) -> str | None:
+        return self._sim.iccid
+
+    def telemetry_allowed(self) -> bool:
+        lc = self._sim.lc
+        return lc is None or telemetry_allowed(lc.state, lc.suspension)
+
+    def accepting(self) -> str | None:
+        lc = self._sim.lc
+        return None if lc is None else ingest_refusal(lc.state, lc.suspension)
+
+    def summary(self, iccid: str | None = None) -> dict[str, Any] | None:
+        """One SIM for ``state`` and ``simkeeper status``; the current one by default (None
+        when no SIM was seen yet)."""
+        return self._sim.summary(iccid)
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """Every SIM this store has seen, the current one first."""
+        return self._sim.summaries()

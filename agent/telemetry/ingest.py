@@ -1,0 +1,391 @@
+"""Local ingestion: apps hand readings to the agent over a Unix socket (DESIGN.md).
+
+One JSON object per line in, one answer per line out, in order: ``{"ok": true, "id": ...}``
+once the reading is committed, or ``{"ok": false, "error": "<why>"}``. Blank lines are
+ignored. Clients may pipeline; lines from all clients are committed together (group commit:
+what arrives while a commit is in flight goes into the next one, plus a few milliseconds of
+linger), so the disk sees one sync per batch.
+
+Hostile input never stops the server: an oversize line is answered at once and skipped
+without being buffered, binary garbage and bad JSON get an error, a client that sends no
+complete line (or reads no answers) for ``client_timeout`` seconds is disconnected, and
+clients beyond ``max_clients`` are told so and closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import stat
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.core.readings import PRIORITY_MAX, PRIORITY_MIN, topic_problem
+from agent.core.store import StoreError
+from agent.telemetry.outbox import TELEMETRY, Item, Outbox, compact_json
+
+log = logging.getLogger(__name__)
+
+Gate = Callable[[], str | None]  # None: accepting; else why readings are refused
+FIELDS = frozenset({"topic", "data", "ts", "priority"})
+MAX_PENDING = 4096  # answers owed to one client before the server stops reading from it
+
+
+class IngestError(Exception):
+    """The server cannot start (socket path taken, group unknown, ...)."""
+
+
+def error_line(why: str) -> bytes:
+    return (json.dumps({"ok": False, "error": why}) + "\n").encode()
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_line(line: bytes, now: float) -> Item | str:
+    """A reading as an outbox item, or the reason it is refused."""
+    try:
+        text = line.decode()
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    try:
+        obj = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        return f"not JSON: {exc.msg} at column {exc.colno}"
+    except (ValueError, RecursionError) as exc:
+        return f"not JSON: {exc}"
+    if not isinstance(obj, dict):
+        return 'not an object: send {"topic": ..., "data": ...}'
+    if unknown := sorted(obj.keys() - FIELDS):
+        return f"unknown field {unknown[0]!r}"
+    topic = obj.get("topic")
+    if problem := topic_problem(topic):
+        return f"bad topic: {problem}"
+    if "data" not in obj:
+        return "missing data"
+    ts = obj.get("ts", now)
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 < ts < 1e10:
+        return "bad ts: expected Unix seconds (a positive number, not milliseconds)"
+    priority = obj.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        return f"bad priority: expected an integer {PRIORITY_MIN}..{PRIORITY_MAX}"
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        return f"bad priority: expected an integer {PRIORITY_MIN}..{PRIORITY_MAX}"
+    try:
+        data = compact_json(obj["data"])
+    except (ValueError, RecursionError) as exc:
+        return f"bad data: {exc}"
+    return (TELEMETRY, str(topic), data, float(ts), priority)
+
+
+class _Slot:
+    """One answer owed to a client, in line order; filled when its commit ends."""
+
+    __slots__ = ("answer",)
+
+    def __init__(self, answer: bytes | None = None) -> None:
+        self.answer = answer
+
+
+class IngestServer:
+    def __init__(
+        self,
+        outbox: Outbox,
+        socket_path: Path,
+        *,
+        group: str | None = None,
+        max_line: int = 65536,
+        max_clients: int = 64,
+        client_timeout: float = 60.0,
+        gates: Sequence[Gate] = (),
+        linger: float = 0.002,
+        max_batch: int = 512,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = socket_path
+        self._outbox = outbox
+        self._group = group
+        self.max_line = max_line
+        self.max_clients = max_clients
+        self.client_timeout = client_timeout
+        self._gates = tuple(gates)
+        self._linger = linger
+        self._max_batch = max_batch
+        self.clock = clock
+        self.clients: set[_Client] = set()
+        self._queue: list[tuple[_Client, _Slot, Item]] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # nothing queued, no commit in flight
+        self._idle.set()
+        self._server: asyncio.AbstractServer | None = None
+        self._committer: asyncio.Task[None] | None = None
+        self._inode = 0
+
+    # -- life ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the socket (mode 0660, group from config) and serve. Raises
+        :class:`IngestError` when another agent answers on the path or it cannot be set up."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            await self._remove_stale()
+            sock = self._bind()
+        except OSError as exc:
+            raise IngestError(f"cannot listen on {self.path}: {exc.strerror or exc}") from None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Client(self), sock=sock, backlog=128)
+        self._committer = asyncio.create_task(self._commit_loop(), name="ingest-commit")
+
+    async def _remove_stale(self) -> None:
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise IngestError(f"{self.path} exists and is not a socket; not touching it")
+        try:
+            async with asyncio.timeout(2):
+                _, writer = await asyncio.open_unix_connection(self.path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            self.path.unlink(missing_ok=True)  # left behind by a dead agent
+            return
+        except TimeoutError:
+            raise IngestError(f"{self.path}: a live listener is not answering") from None
+        writer.close()
+        raise IngestError(f"another agent is already listening on {self.path}")
+
+    def _bind(self) -> socket.socket:
+        """Bind under a temporary name, set mode and group, then rename into place, so the
+        socket is never reachable with looser permissions."""
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        temp.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(os.fspath(temp))
+            os.chmod(temp, 0o660)
+            if self._group:
+                try:
+                    shutil.chown(temp, group=self._group)
+                except LookupError:
+                    raise IngestError(f"ingest.group: no group named {self._group!r}") from None
+                except OSError as exc:
+                    raise IngestError(
+                        f"ingest.group: cannot give {self.path} to group {self._group!r}:"
+                        f" {exc.strerror}"
+                    ) from None
+            os.rename(temp, self.path)
+            self._inode = os.stat(self.path).st_ino
+        except BaseException:
+            sock.close()
+            temp.unlink(missing_ok=True)
+            raise
+        return sock
+
+    async def close(self) -> None:
+        """Stop accepting, answer what is already queued, close clients, remove the socket."""
+        if self._server is None:
+            return
+        self._server.close()
+        for client in list(self.clients):
+            client.stop_reading()
+        await self._idle.wait()
+        if self._committer is not None:
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+        for client in list(self.clients):
+            client.close()
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._inode:
+                self.path.unlink()
+        self._server = None
+
+    # -- committing ----------------------------------------------------------------------------
+
+    def refusal(self) -> str | None:
+        for gate in self._gates:
+            if reason := gate():
+                return reason
+        return None
+
+    def submit(self, client: _Client, slot: _Slot, item: Item) -> None:
+        self._queue.append((client, slot, item))
+        self._idle.clear()
+        self._wake.set()
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            if len(self._queue) < self._max_batch and self._linger:
+                await asyncio.sleep(self._linger)
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._commit(batch)
+            self._wake.clear()
+            self._idle.set()
+
+    async def _commit(self, batch: list[tuple[_Client, _Slot, Item]]) -> None:
+        try:
+            ids = await self._outbox.add_async([item for _, _, item in batch])
+            answers = [b'{"ok":true,"id":"%s"}\n' % i.encode() for i in ids]
+        except StoreError as exc:  # StoreFull included: its message says "store full"
+            answers = [error_line(str(exc))] * len(batch)
+        except Exception as exc:
+            log.exception("ingest commit failed")
+            answers = [error_line(f"internal error: {exc}")] * len(batch)
+        clients = set()
+        for (client, slot, _), answer in zip(batch, answers, strict=True):
+            slot.answer = answer
+            clients.add(client)
+        for client in clients:
+            client.flush()
+
+
+class _Client(asyncio.Protocol):
+    def __init__(self, server: IngestServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._skipping = False  # inside an oversize line, already answered
+        self._pending: deque[_Slot] = deque()
+        self._write_paused = False
+        self._reading = True
+        self._last_line = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        server = self._server
+        if len(server.clients) >= server.max_clients:
+            transport.write(error_line(f"too many clients (max {server.max_clients})"))
+            transport.close()
+            return
+        self._transport = transport
+        server.clients.add(self)
+        self._arm(server.client_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.clients.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._transport = None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        start = 0
+        limit = self._server.max_line
+        while (end := data.find(b"\n", start)) >= 0:
+            if self._skipping:
+                self._skipping = False
+            elif len(self._buf) + end - start > limit:
+                self._answer(error_line(f"too large: a line may hold at most {limit} bytes"))
+            elif self._buf:
+                self._buf += data[start:end]
+                self._line(bytes(self._buf))
+            else:
+                self._line(data[start:end])
+            self._buf.clear()
+            start = end + 1
+        if start < len(data) and not self._skipping:
+            if len(self._buf) + len(data) - start > limit:
+                self._answer(error_line(f"too large: a line may hold at most {limit} bytes"))
+                self._buf.clear()
+                self._skipping = True
+            else:
+                self._buf += data[start:]
+        self.flush()
+
+    def _line(self, line: bytes) -> None:
+        self._last_line = time.monotonic()
+        if not line.strip():
+            return
+        refusal = self._server.refusal()
+        if refusal is not None:
+            self._answer(error_line(refusal))
+            return
+        parsed = parse_line(line, self._server.clock())
+        if isinstance(parsed, str):
+            self._answer(error_line(parsed))
+            return
+        slot = _Slot()
+        self._pending.append(slot)
+        self._server.submit(self, slot, parsed)
+
+    def _answer(self, answer: bytes) -> None:
+        self._pending.append(_Slot(answer))
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write the answers that are ready, in line order."""
+        out = []
+        pending = self._pending
+        while pending and pending[0].answer is not None:
+            out.append(pending.popleft().answer)
+        if out and self._transport is not None:
+            self._transport.write(b"".join(a for a in out if a is not None))
+        self._steer()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._steer()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._steer()
+
+    def _steer(self) -> None:
+        """Stop reading from a client that does not read its answers or owes too many."""
+        if self._transport is None or self._transport.is_closing():
+            return
+        want = not self._write_paused and len(self._pending) < MAX_PENDING and self._reading
+        if want != self._transport.is_reading():
+            if want:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
+
+    def stop_reading(self) -> None:
+        self._reading = False
+        self._steer()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- timing out ----------------------------------------------------------------------------
+
+    def _arm(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        timeout = self._server.client_timeout
+        idle = time.monotonic() - self._last_line
+        waiting_on_us = any(slot.answer is None for slot in self._pending)
+        if self._transport is None:
+            return
+        if idle < timeout or (waiting_on_us and not self._write_paused):
+            self._arm(max(timeout - idle, 0.05))
+            return
+        log.info("ingest client idle for %.0f s: disconnecting", idle)
+        self._transport.abort()

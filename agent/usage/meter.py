@@ -1,0 +1,329 @@
+"""Usage metering: bytes per SIM (ICCID) and billing period, plan caps.
+
+Inputs are cumulative counters from two sources: the modem's (``sent``, ``recv`` from the
+driver's data counters) and the kernel's for the data interface
+(``/sys/class/net/<if>/statistics``). Both reset at times. The meter keeps the last raw value
+per source in the database and adds only deltas: a value lower than the last one, or a new
+``epoch`` (the kernel's boot id and interface index; a modem session counter), is a reset and
+counts in full. So totals never go backwards, and a reading seen twice counts once, across
+restarts too.
+
+Deltas go to the SIM in use and to its current billing period (``cycle_day`` at midnight in
+``timezone``). The estimate of billed bytes is payload plus packets x
+``header_overhead_bytes`` (the carrier counts about 50-54 bytes of headers per packet); the
+payload comes from the modem's counters when it has them, else the kernel's, and packets
+always from the kernel.
+
+Plans: ``[[usage.plan]]`` per ICCID, else ``[usage] plan_bytes``, overridden by
+:meth:`UsageMeter.set_plan` (the ``set-plan`` command). Each threshold fires one
+``usage-threshold`` event per SIM and period; the most severe action crossed applies until
+the period ends: ``throttle`` holds readings that are not critical (:meth:`allowed`), ``stop``
+also refuses new readings (:meth:`accepting`, an ingest gate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from agent.core.config import UsageConfig, canonical_iccid
+from agent.core.readings import PRIORITY_MAX
+from agent.core.store import Store
+from agent.telemetry.events import Events
+from agent.telemetry.outbox import USAGE, Outbox, compact_json
+
+SOURCES = ("modem", "kernel")
+SEVERITY = {"event": 0, "throttle": 1, "stop": 2}
+_KERNEL_FILES = ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")
+
+Query = Callable[[str, Sequence[Any]], list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Cumulative counters as a source reports them (packets: kernel only)."""
+
+    tx_bytes: int
+    rx_bytes: int
+    tx_packets: int = 0
+    rx_packets: int = 0
+
+
+def read_kernel(interface: str, root: Path = Path("/")) -> tuple[Counters, str] | None:
+    """The kernel's counters of ``interface`` and their epoch (boot id and interface index:
+    either changing means the counters restarted), or None when the interface is absent."""
+    base = root / "sys/class/net" / interface
+    try:
+        values = [int((base / "statistics" / name).read_text()) for name in _KERNEL_FILES]
+        ifindex = (base / "ifindex").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    try:
+        boot = (root / "proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return Counters(*values), f"{boot}/{ifindex}"
+
+
+def _cycle_key(iccid: str) -> str:
+    return f"usage.cycle_day.{iccid}"
+
+
+def billing_period(now: float, cycle_day: int, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """[start, end) of the billing period holding ``now``: midnight of ``cycle_day`` (1-28)."""
+    local = datetime.fromtimestamp(now, tz)
+    year, month = local.year, local.month
+    if local.day < cycle_day:
+        year, month = (year, month - 1) if month > 1 else (year - 1, 12)
+    start = datetime(year, month, cycle_day, tzinfo=tz)
+    year, month = (year, month + 1) if month < 12 else (year + 1, 1)
+    return start, datetime(year, month, cycle_day, tzinfo=tz)
+
+
+@dataclass(frozen=True, slots=True)
+class _Cap:
+    """The action in force for the current SIM until ``until`` (end of its period)."""
+
+    action: str | None
+    until: float
+    reason: str
+
+
+class UsageMeter:
+    def __init__(
+        self,
+        store: Store,
+        outbox: Outbox,
+        events: Events,
+        cfg: UsageConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._outbox = outbox
+        self._events = events
+        self._cfg = cfg
+        self._tz = ZoneInfo(cfg.timezone)
+        self._plans = {plan.iccid: plan for plan in cfg.plan}
+        self._clock = clock
+        self._cap = _Cap(None, 0.0, "")
+        rows = store.query("SELECT value FROM meta WHERE key = 'usage.sim'")
+        self.sim: str | None = rows[0][0] if rows else None
+        if self.sim is not None:
+            with store.transaction() as db:
+                self._evaluate(_query(db), self.sim, clock())
+
+    # -- counting ------------------------------------------------------------------------------
+
+    def observe(self, iccid: str, source: str, counters: Counters, *, epoch: str = "") -> None:
+        """Account one reading of cumulative counters for the SIM in use."""
+        values = dataclasses.astuple(counters)
+        if source not in SOURCES or any(not isinstance(v, int) or v < 0 for v in values):
+            raise ValueError(f"bad usage reading from {source!r}: {counters}")
+        iccid = canonical_iccid(iccid)
+        now = self._clock()
+        start, _ = self.period(iccid, now)
+        with self._store.transaction() as db:
+            row = db.execute(
+                "SELECT epoch, tx_bytes, rx_bytes, tx_packets, rx_packets FROM usage_counter"
+                " WHERE source = ?",
+                (source,),
+            ).fetchone()
+            if row is not None and row == (epoch, *values) and iccid == self.sim:
+                return  # nothing moved: no write (the SD card thanks us)
+            fresh = row is None or row[0] != epoch
+            deltas = [
+                v if fresh or v < last else v - last
+                for v, last in zip(values, row[1:] if row else values, strict=True)
+            ]
+            db.execute(
+                "INSERT OR REPLACE INTO usage_counter"
+                " (source, epoch, tx_bytes, rx_bytes, tx_packets, rx_packets)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (source, epoch, *values),
+            )
+            db.execute(
+                "INSERT INTO usage_period"
+                " (iccid, period, source, tx_bytes, rx_bytes, tx_packets, rx_packets)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (iccid, period, source) DO UPDATE SET"
+                " tx_bytes = tx_bytes + excluded.tx_bytes,"
+                " rx_bytes = rx_bytes + excluded.rx_bytes,"
+                " tx_packets = tx_packets + excluded.tx_packets,"
+                " rx_packets = rx_packets + excluded.rx_packets",
+                (iccid, start.isoformat(), source, *deltas),
+            )
+            self._close_previous(db, iccid, start, now)
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('usage.sim', ?)", (iccid,))
+            self._evaluate(_query(db), iccid, now)
+        self.sim = iccid
+
+    def _close_previous(self, db: Any, iccid: str, start: datetime, now: float) -> None:
+        """On the first reading of a new period, publish the final report of the last one."""
+        key = f"usage.period.{iccid}"
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is not None and row[0] != start.isoformat():
+            ended = datetime.fromisoformat(row[0]).timestamp()
+            self._publish([self._report(_query(db), iccid, ended)], now)
+        if row is None or row[0] != start.isoformat():
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, start.isoformat())
+            )
+
+    def period(self, iccid: str, now: float) -> tuple[datetime, datetime]:
+        """The billing period: the cycle day set by order (``set_plan``), else the SIM's plan
+        in config, else ``[usage] cycle_day``."""
+        ordered = self._store.query("SELECT value FROM meta WHERE key = ?", (_cycle_key(iccid),))
+        plan = self._plans.get(iccid)
+        if ordered:
+            cycle_day = int(ordered[0][0])
+        else:
+            cycle_day = plan.cycle_day if plan and plan.cycle_day else self._cfg.cycle_day
+        return billing_period(now, cycle_day, self._tz)
+
+    def set_plan(self, iccid: str, plan_bytes: int | None, cycle_day: int | None = None) -> None:
+        """Override a SIM's plan (None: back to config) and, when given, its billing cycle day
+        (1-28); persisted; re-checks its caps."""
+        iccid = canonical_iccid(iccid)
+        if cycle_day is not None and not 1 <= cycle_day <= 28:
+            raise ValueError(f"cycle_day must be 1-28, not {cycle_day}")
+        with self._store.transaction() as db:
+            if plan_bytes is None:
+                db.execute("DELETE FROM usage_plan WHERE iccid = ?", (iccid,))
+            else:
+                db.execute("INSERT OR REPLACE INTO usage_plan VALUES (?, ?)", (iccid, plan_bytes))
+            if cycle_day is not None:
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                           (_cycle_key(iccid), str(cycle_day)))
+            if iccid == self.sim:
+                self._evaluate(_query(db), iccid, self._clock())
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def report(self, iccid: str, now: float | None = None) -> dict[str, Any]:
+        """The ``usage`` report of ``iccid`` for the period holding ``now``."""
+        return self._report(self._store.query, canonical_iccid(iccid), now or self._clock())
+
+    def publish(self) -> list[str]:
+        """Queue a ``usage`` report for each SIM with usage in its current period (and the SIM
+        in use); returns the reading ids."""
+        now = self._clock()
+        iccids = {row[0] for row in self._store.query("SELECT DISTINCT iccid FROM usage_period")}
+        reports = [
+            report
+            for iccid in sorted(iccids | ({self.sim} if self.sim else set()))
+            if (report := self.report(iccid, now))["counters"] or iccid == self.sim
+        ]
+        return self._publish(reports, now)
+
+    def _publish(self, reports: list[dict[str, Any]], now: float) -> list[str]:
+        return self._outbox.add(
+            [(USAGE, USAGE, compact_json(r), now, PRIORITY_MAX) for r in reports]
+        )
+
+    def _report(self, query: Query, iccid: str, now: float) -> dict[str, Any]:
+        start, end = self.period(iccid, now)
+        counters = {
+            source: {"bytes_up": tx, "bytes_down": rx, "packets_up": txp, "packets_down": rxp}
+            for source, tx, rx, txp, rxp in query(
+                "SELECT source, tx_bytes, rx_bytes, tx_packets, rx_packets FROM usage_period"
+                " WHERE iccid = ? AND period = ?",
+                (iccid, start.isoformat()),
+            )
+        }
+        source = "modem" if "modem" in counters else "kernel"
+        chosen = counters.get(source, {"bytes_up": 0, "bytes_down": 0})
+        kernel = counters.get("kernel", {})
+        packets = kernel.get("packets_up", 0) + kernel.get("packets_down", 0)
+        billed = (
+            chosen["bytes_up"] + chosen["bytes_down"] + packets * self._cfg.header_overhead_bytes
+        )
+        plan = self._plan_bytes(query, iccid)
+        return {
+            "iccid": iccid,
+            "period": {"start": start.isoformat(), "end": end.isoformat()},
+            "bytes_up": chosen["bytes_up"],
+            "bytes_down": chosen["bytes_down"],
+            "source": source,
+            "billed_estimate": billed,
+            "plan_bytes": plan,
+            "share_used": round(billed / plan, 4) if plan else None,
+            "counters": counters,
+        }
+
+    def _plan_bytes(self, query: Query, iccid: str) -> int | None:
+        rows = query("SELECT plan_bytes FROM usage_plan WHERE iccid = ?", (iccid,))
+        if rows:
+            return int(rows[0][0])
+        plan = self._plans.get(iccid)
+        return plan.plan_bytes if plan else self._cfg.plan_bytes
+
+    # -- caps ----------------------------------------------------------------------------------
+
+    def _evaluate(self, query: Query, iccid: str, now: float) -> None:
+        """Fire thresholds not yet fired this period (inside the caller's transaction) and
+        set the action in force."""
+        report = self._report(query, iccid, now)
+        plan, billed = report["plan_bytes"], report["billed_estimate"]
+        crossed = [t for t in self._cfg.thresholds if plan and billed >= t.share * plan]
+        period = report["period"]["start"]
+        fired = {
+            row[0]
+            for row in query(
+                "SELECT share FROM usage_alert WHERE iccid = ? AND period = ?", (iccid, period)
+            )
+        }
+        for threshold in crossed:
+            if threshold.share in fired:
+                continue
+            query(
+                "INSERT INTO usage_alert (iccid, period, share) VALUES (?, ?, ?)",
+                (iccid, period, threshold.share),
+            )
+            self._events.emit(
+                "usage-threshold",
+                iccid=iccid,
+                period=report["period"],
+                threshold=threshold.share,
+                action=threshold.action,
+                billed_estimate=billed,
+                plan_bytes=plan,
+            )
+        until = datetime.fromisoformat(report["period"]["end"]).timestamp()
+        if not crossed:
+            self._cap = _Cap(None, until, "")
+            return
+        worst = max(crossed, key=lambda t: SEVERITY[t.action])
+        reason = (
+            f"plan cap: SIM {iccid} has used {report['share_used']:.0%} of its {plan} bytes;"
+            f" readings refused until {report['period']['end']}"
+        )
+        self._cap = _Cap(worst.action, until, reason)
+
+    def _action(self) -> _Cap:
+        if self._clock() >= self._cap.until:  # a new period starts with nothing used
+            self._cap = _Cap(None, self._cap.until, "")
+        return self._cap
+
+    def allowed(self, topic: str, priority: int) -> bool:
+        """May the uplink send this reading now? Under ``throttle`` or ``stop``, only critical
+        ones: priority >= ``throttle_min_priority`` or a topic in ``critical_topics``."""
+        if self._action().action not in ("throttle", "stop"):
+            return True
+        return priority >= self._cfg.throttle_min_priority or any(
+            topic == t or topic.startswith(f"{t}/") for t in self._cfg.critical_topics
+        )
+
+    def accepting(self) -> str | None:
+        """The ingest gate: None, or why new readings are refused (``stop`` reached)."""
+        cap = self._action()
+        return cap.reason if cap.action == "stop" else None
+
+
+def _query(db: Any) -> Query:
+    return lambda sql, params: db.execute(sql, params).fetchall()
