@@ -177,7 +177,7 @@ async def _daemon(root: Path, port: int, modem: str, pub: Path) -> AsyncIterator
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     try:
-        await _until(lambda: daemon.serving.is_set() and daemon.mqtt.ready)
+        await _until(lambda: daemon.serving.is_set() and daemon.parts.uplinks.ready)
         yield daemon
     finally:
         stop.set()
@@ -209,7 +209,7 @@ async def _mqtt(root: Path) -> list[float]:
                 client.loop_start()
                 try:
                     def state() -> str | None:
-                        summary = daemon.keeper.summary()
+                        summary = daemon.parts.keeper.summary()
                         return None if summary is None else str(summary["state"])
 
                     await _until(lambda: state() == "active")

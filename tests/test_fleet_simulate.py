@@ -71,7 +71,7 @@ async def test_small_fleet_end_to_end(fleet: tuple[Fleet, LocalBroker, Observer]
     # each agent has its own directory, store, socket and modem (its own pty and SIM)
     assert len({a.modem.path for a in sim.agents}) == N
     assert len({str(a.daemon.cfg.store.path) for a in sim.agents}) == N
-    iccids = {a.daemon.sessions[str(a.directory / "modem")].iccid for a in sim.agents}
+    iccids = {a.daemon.parts.modems.sessions[str(a.directory / "modem")].iccid for a in sim.agents}
     assert iccids == {iccid(i) for i in range(1, N + 1)}
 
     assert await _retained_status(broker.port) == dict.fromkeys(

@@ -14,7 +14,7 @@ from tests.test_daemon import Agent, running
 
 FIELDS = {
     "device_id", "running", "reason", "pid", "started_at", "heartbeat", "stopped_at", "sims",
-    "modems", "uplink", "outbox", "decommissioned",
+    "modems", "uplink", "outbox", "decommissioned", "tasks",
 }
 
 

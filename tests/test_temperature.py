@@ -258,7 +258,7 @@ async def test_session_polls_the_temperature_and_health_carries_it(tmp_path: Pat
         store = Store(tmp_path / "db")
         try:
             reporter = HealthReporter(Outbox(store, max_bytes=1 << 20, max_age=3600),
-                                      lambda: [session])
+                                      lambda: [session.summary()])
             (modem_reading,) = reporter.reading()["modems"]
         finally:
             store.close()
@@ -274,7 +274,7 @@ async def test_health_leaves_temperature_out_where_the_modem_has_none(tmp_path: 
         store = Store(tmp_path / "db")
         try:
             reporter = HealthReporter(Outbox(store, max_bytes=1 << 20, max_age=3600),
-                                      lambda: [session])
+                                      lambda: [session.summary()])
             (modem_reading,) = reporter.reading()["modems"]
         finally:
             store.close()

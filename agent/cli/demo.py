@@ -176,18 +176,21 @@ def _draw(out: TextIO, started: float, port: int, daemon: Daemon, watcher: _Watc
     elapsed = f"{time.monotonic() - started:5.1f}s"
     lines = [f"simkeeper demo: agent {DEVICE}, broker 127.0.0.1:{port}, t+{elapsed}"
              "  (Ctrl-C stops)", ""]
-    for session in daemon.sessions.values():
+    parts = daemon.parts
+    if parts is None:  # not started yet, or stopped
+        return
+    for session in parts.modems.sessions.values():
         lines.append(f"modem {session.port}: {session.state}"
                      + (f" ({session.detail})" if session.detail else ""))
         if session.info:
             lines += _modem_lines(session.info)
         for iccid in [session.iccid] if session.iccid else []:
-            report = daemon.usage.report(iccid)
+            report = parts.usage.report(iccid)
             lines.append(f"usage: {report['bytes_up']} B up, {report['bytes_down']} B down"
                          f" ({report['source']}), billed estimate {report['billed_estimate']} B")
-    lines += ["", *_lifecycle_lines(daemon.keeper.summary())]
-    count, size = daemon.outbox.depth()
-    up = daemon.uplink_state()
+    lines += ["", *_lifecycle_lines(parts.keeper.summary())]
+    count, size = parts.outbox.depth()
+    up = parts.uplinks.state()
     events = watcher.recent_events()
     lines += [
         "",

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli.errors import CliError
-from agent.core import config
+from agent.core import config, runtime
+from agent.core.runtime import STALE
 
-HEARTBEAT = 60.0  # the daemon writes its heartbeat at most this often (agent.daemon)
-STALE = 3 * HEARTBEAT + 30  # no heartbeat for this long: the agent hangs or died unseen
 MARKER = "decommission"  # agent.sim.decommission.MARKER (not imported: status stays light)
 WIPE_REQUEST = "wipe-requested"  # agent.sim.decommission.WIPE_REQUEST, beside the database
 
@@ -58,17 +57,7 @@ def read_status(path: Path, device_id: str, now: float | None = None) -> dict[st
     now = time.time() if now is None else now
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        has_runtime = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runtime'"
-        ).fetchone()
-        row = (
-            db.execute(
-                "SELECT pid, started_at, heartbeat, stopped_at, modems, uplink, usage, sims"
-                " FROM runtime WHERE id = 1"
-            ).fetchone()
-            if has_runtime
-            else None
-        )
+        row = runtime.read(db)
         streams = db.execute("SELECT stream, COUNT(*), TOTAL(size) FROM outbox GROUP BY stream")
         depth = {s: {"count": c, "bytes": int(b)} for s, c, b in streams}
         drops = {
@@ -78,22 +67,19 @@ def read_status(path: Path, device_id: str, now: float | None = None) -> dict[st
         marker = db.execute("SELECT value FROM meta WHERE key = ?", (MARKER,)).fetchone()
     finally:
         db.close()
-    pid, started, heartbeat, stopped, modems, uplink, usage, sims = row or (None,) * 8
-    modems = json.loads(modems) if modems else []
-    usage = json.loads(usage) if usage else []
-    sims = json.loads(sims) if sims else []
-    running, reason = _liveness(pid, heartbeat, stopped, now)
+    running, reason = _liveness(row.pid, row.heartbeat, row.stopped_at, now)
     return {
         "device_id": device_id,
         "running": running,
         "reason": reason,
-        "pid": pid,
-        "started_at": started,
-        "heartbeat": heartbeat,
-        "stopped_at": stopped,
-        "sims": _sims(modems, usage, sims),
-        "modems": modems,
-        "uplink": json.loads(uplink) if uplink else None,
+        "pid": row.pid,
+        "started_at": row.started_at,
+        "heartbeat": row.heartbeat,
+        "stopped_at": row.stopped_at,
+        "sims": _sims(row.modems, row.usage, row.sims),
+        "modems": row.modems,
+        "uplink": row.uplink,
+        "tasks": row.tasks,
         "decommissioned": _decommissioned(marker[0]) if marker else None,
         "outbox": {
             "count": sum(d["count"] for d in depth.values()),
@@ -194,6 +180,10 @@ def render(status: dict[str, Any], *, wipe_requested: bool = False) -> str:
     dropped = sum(d["count"] for d in box["drops"].values())
     waiting = f"{box['count']} readings waiting ({box['bytes']} B)"
     rows.append(("outbox", f"{waiting}, {dropped} dropped"))
+    for name, task in status["tasks"].items():
+        if task["restarts"]:
+            rows.append(("task", f"{name}: restarted {task['restarts']} time(s), last error at"
+                                 f" {_when(task['last_error_at'])}: {task['last_error']}"))
     return "\n".join(f"{label:<10} {text}" for label, text in rows)
 
 

@@ -10,28 +10,26 @@ and ``events``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from agent.commands.processor import Handler
+from agent.core.store import Store
 from agent.sim.conformance import Format
 from agent.sim.keeper import KeeperError, SimKeeper
 from agent.usage.meter import UsageMeter
 
 
-class Orders(Protocol):
-    """The daemon as the handlers see it."""
-
-    keeper: SimKeeper
-    usage: UsageMeter
-
-    def state(self) -> dict[str, Any]: ...
-    async def reset_modem(self) -> str: ...
-    def decommission(self) -> str: ...
-    async def in_store(self, fn: Callable[[], Any]) -> Any: ...
-
-
-def handlers(d: Orders) -> Mapping[str, Handler]:
-    keeper = d.keeper
+def handlers(
+    keeper: SimKeeper,
+    usage: UsageMeter,
+    store: Store,
+    *,
+    state: Callable[[], dict[str, Any]],
+    reset_modem: Callable[[], Awaitable[str]],
+    decommission: Callable[[], str],
+) -> Mapping[str, Handler]:
+    """The handlers, over the parts they act on; ``state`` is the retained ``state`` now,
+    ``reset_modem`` resets the modem that carries the SIM, ``decommission`` begins one."""
 
     def suspend(args: dict[str, Any]) -> str:
         keeper.suspend(args["scope"], until=args.get("until"), reason=args.get("reason", ""))
@@ -49,10 +47,10 @@ def handlers(d: Orders) -> Mapping[str, Handler]:
         keeper.activate()
         return "activation started"
 
-    def decommission(_: dict[str, Any]) -> str:
+    def decommission_(_: dict[str, Any]) -> str:
         # agent.sim.decommission: this result goes up first, then the uplink stops, the identity
         # keys are wiped and the radio goes off.
-        return d.decommission()
+        return decommission()
 
     def clear_malfunction(_: dict[str, Any]) -> str:
         if not keeper.clear_malfunction():
@@ -65,30 +63,29 @@ def handlers(d: Orders) -> Mapping[str, Handler]:
         return "conformance list installed"
 
     async def set_plan(args: dict[str, Any]) -> str:
-        await d.in_store(lambda: d.usage.set_plan(args["iccid"], args["bytes"],
-                                                  args.get("cycle_day")))
+        await store.run(usage.set_plan, args["iccid"], args["bytes"], args.get("cycle_day"))
         return "plan set"
 
     async def report_usage(_: dict[str, Any]) -> str:
-        ids = await d.in_store(d.usage.publish)
+        ids = await store.run(usage.publish)
         return f"{len(ids)} usage report(s) queued"
 
     def get_state(_: dict[str, Any]) -> dict[str, Any]:
-        return d.state()
+        return state()
 
-    def reset_modem(_: dict[str, Any]) -> Awaitable[str]:
-        return d.reset_modem()
+    def reset_modem_(_: dict[str, Any]) -> Awaitable[str]:
+        return reset_modem()
 
     return {
         "suspend": suspend,
         "resume": resume,
         "set-activation-deadline": set_deadline,
         "activate": activate,
-        "decommission": decommission,
+        "decommission": decommission_,
         "clear-malfunction": clear_malfunction,
         "update-conformance": update_conformance,
         "set-plan": set_plan,
         "report-usage": report_usage,
         "get-state": get_state,
-        "reset-modem": reset_modem,
+        "reset-modem": reset_modem_,
     }

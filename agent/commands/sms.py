@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
 from agent.commands.sms_envelope import SMS_NAMES, SmsAssembler, SmsEnvelopeError, reply_text
+from agent.core.tasks import wait_event
 from drivers.at import Urc, split_fields, unquote
 from drivers.errors import ModemError
 
@@ -180,3 +181,54 @@ class ModemSmsReply:
                                         timeout=self._timeout)
         except ModemError as exc:
             log.warning("SMS answer to %s not sent: %s", sender, exc)
+
+
+class ResettingChannel(Protocol):
+    """The slot modem's channel as the SMS service needs it (AtChannel)."""
+
+    async def command(self, cmd: str, *, timeout: float | None = None,
+                      expect: tuple[str, ...] = (), data: bytes | None = None) -> list[str]: ...
+    def add_urc_listener(self, callback: Callable[[Urc], None]) -> Callable[[], None]: ...
+    def add_reset_listener(self, callback: Callable[[str], None]) -> Callable[[], None]: ...
+
+
+class SmsCommands:
+    """Commands by SMS on the modem that carries the SIM: the reader set up again after every
+    modem reset (text mode and new-message indications go with it); a modem not ready for it
+    is asked again after ``retry`` seconds. Answers go by MQTT while the session is up
+    (``mqtt_ready``), by SMS when the data path is down."""
+
+    def __init__(self, processor: Processor, *, publish: Callable[[dict[str, Any]], None],
+                 mqtt_ready: Callable[[], bool], retry: float = 30.0) -> None:
+        self._processor = processor
+        self._publish = publish
+        self._mqtt_ready = mqtt_ready
+        self._retry = retry
+
+    async def serve(self, channel: ResettingChannel) -> None:
+        reset = asyncio.Event()
+        unlisten = channel.add_reset_listener(lambda _why: reset.set())
+        by_sms = ModemSmsReply(channel)
+
+        async def reply(sender: str, result: dict[str, Any]) -> None:
+            if self._mqtt_ready():
+                self._publish(result)
+            else:
+                await by_sms(sender, result)
+
+        try:
+            while True:
+                reset.clear()
+                reader = SmsCommandReader(channel, self._processor, reply)
+                try:
+                    await reader.start()
+                    ready = True
+                except ModemError as exc:
+                    log.warning("SMS commands not set up yet: %s", exc)
+                    ready = False
+                try:
+                    await wait_event(reset, None if ready else self._retry)
+                finally:
+                    await reader.stop()
+        finally:
+            unlisten()

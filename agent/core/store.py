@@ -76,7 +76,7 @@ CREATE TABLE usage_alert (
 CREATE TABLE usage_plan (iccid TEXT PRIMARY KEY, plan_bytes INTEGER NOT NULL) WITHOUT ROWID;
 """
 
-# The running daemon's own row (agent.daemon.Runtime), read by `simkeeper status`: written when
+# The running daemon's own row (agent.core.runtime), read by `simkeeper status`: written when
 # something shown changes, the heartbeat at most once a minute.
 _V2 = """
 CREATE TABLE runtime (
@@ -119,7 +119,13 @@ _V4 = """
 ALTER TABLE runtime ADD COLUMN sims TEXT NOT NULL DEFAULT '[]';
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
+# The supervised tasks in the runtime row (agent.core.tasks.Supervisor.status): restarts and
+# last error of each long-running part, for `simkeeper status`.
+_V5 = """
+ALTER TABLE runtime ADD COLUMN tasks TEXT NOT NULL DEFAULT '{}';
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5)
 
 
 class StoreError(Exception):

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -29,7 +29,8 @@ from agent.core.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
-Work = Callable[[], Awaitable[None]]
+Work = Callable[[], Coroutine[Any, Any, None]]
+Spawn = Callable[[str, Work], None]  # Supervisor.spawn: run a named long-running part
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
@@ -42,7 +43,7 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
 
 
 async def retry_forever(
-    attempt: Work,
+    attempt: Callable[[], Awaitable[None]],
     backoff: Backoff,
     *,
     on_error: Callable[[Exception], None] | None = None,
@@ -130,10 +131,10 @@ class Supervisor:
         if part is not None:
             part.task.cancel()
 
-    async def stop(self) -> None:
-        """Cancel every part and wait until each has ended."""
-        tasks = [part.task for part in self._parts.values()]
-        self._parts.clear()
+    async def stop(self, *names: str) -> None:
+        """Cancel the parts named (every part when none is) and wait until each has ended."""
+        chosen = names or tuple(self._parts)
+        tasks = [part.task for name in chosen if (part := self._parts.pop(name, None))]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -90,17 +90,19 @@ class SimAgent:
 
     @property
     def online(self) -> bool:
-        mqtt_uplink = getattr(self.daemon, "mqtt", None)
-        return bool(mqtt_uplink is not None and mqtt_uplink.ready)
+        parts = self.daemon.parts
+        return bool(parts is not None and parts.uplinks.ready)
 
     @property
     def modem_ready(self) -> bool:
-        return any(s.state == "ready" for s in self.daemon.sessions.values())
+        parts = self.daemon.parts
+        return parts is not None and any(
+            s.state == "ready" for s in parts.modems.sessions.values())
 
     @property
     def connect_attempts(self) -> int:
-        mqtt_uplink = getattr(self.daemon, "mqtt", None)
-        return int(mqtt_uplink.connect_attempts) if mqtt_uplink is not None else 0
+        parts = self.daemon.parts
+        return parts.uplinks.mqtt.connect_attempts if parts is not None else 0
 
 
 class Fleet:

@@ -55,10 +55,11 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from agent.core.config import Config
 from agent.core.store import Store
@@ -376,8 +377,10 @@ def request_wipe(cfg: Config, marker: dict[str, Any]) -> Path | None:
 # -- the order, in a running daemon -----------------------------------------------------------
 
 
-class Plant(Protocol):
-    """What the decommission needs of the daemon."""
+@dataclass(frozen=True, slots=True)
+class Plant:
+    """What the decommission acts on: the parts the daemon built, ``gates_changed`` (readings
+    and telemetry are refused from now on) and ``stop_uplinks`` (the retained ``offline``)."""
 
     cfg: Config
     config_path: Path | None
@@ -385,9 +388,8 @@ class Plant(Protocol):
     outbox: Outbox
     events: Events
     keeper: SimKeeper
-
-    def gates_changed(self) -> None: ...
-    async def stop_uplinks(self) -> None: ...
+    gates_changed: Callable[[], None]
+    stop_uplinks: Callable[[], Awaitable[None]]
 
 
 class Decommissioner:

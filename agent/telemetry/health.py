@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from agent.core.tasks import wait_event
-from agent.modem.session import ModemSession
 from agent.telemetry.outbox import TELEMETRY, Outbox, compact_json
 
 TOPIC = "agent/health"
@@ -34,13 +33,13 @@ class HealthReporter:
     def __init__(
         self,
         outbox: Outbox,
-        sessions: Callable[[], Iterable[ModemSession]],
+        modems: Callable[[], Iterable[dict[str, Any]]],
         *,
         interval: float = 300.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._outbox = outbox
-        self._sessions = sessions
+        self._modems = modems
         self.interval = interval
         self._clock = clock
         self._kick = asyncio.Event()
@@ -48,7 +47,7 @@ class HealthReporter:
     def reading(self) -> dict[str, Any]:
         count, size = self._outbox.depth()
         return {
-            "modems": [_modem(s) for s in self._sessions()],
+            "modems": [_modem(m) for m in self._modems()],
             "outbox": {"count": count, "bytes": size},
             "drops": {reason: n for reason, (n, _) in self._outbox.drops().items()},
         }
@@ -70,15 +69,16 @@ class HealthReporter:
             await wait_event(self._kick, self.interval)
 
 
-def _modem(session: ModemSession) -> dict[str, Any]:
-    info = session.info or {}
+def _modem(summary: dict[str, Any]) -> dict[str, Any]:
+    """One modem of the reading, from its session's summary (``status``'s ``modems`` entry)."""
+    info = summary["modem"] or {}
     modem: dict[str, Any] = {
-        "port": session.port,
-        "state": session.state,
+        "port": summary["port"],
+        "state": summary["state"],
         "registration": info.get("registration"),
         "operator": info.get("operator"),
         "signal": info.get("signal"),
     }
-    if session.temperature_c is not None:
-        modem["temperature_c"] = session.temperature_c
+    if summary["temperature_c"] is not None:
+        modem["temperature_c"] = summary["temperature_c"]
     return modem

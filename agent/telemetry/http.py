@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from agent.core.tasks import Spawn
 from agent.telemetry.batch import EncodedBatch
 from agent.telemetry.drain import (
     BatchRejected,
@@ -73,13 +74,15 @@ class HttpUplink:
         self._conn: http.client.HTTPConnection | None = None
         self._drainer: Drainer | None = None
         self._task: asyncio.Task[None] | None = None
+        self.parts: tuple[str, ...] = ()  # names of the parts given to spawn()
 
     @property
     def stats(self) -> UplinkStats:
         return self._drainer.stats if self._drainer else UplinkStats()
 
-    async def start(self) -> None:
-        # One request at a time keeps the readings in order per topic.
+    async def start(self, spawn: Spawn | None = None) -> None:
+        """Start draining (``spawn``: as :meth:`agent.telemetry.mqtt.MqttUplink.start`).
+        One request at a time keeps the readings in order per topic."""
         self._drainer = Drainer(
             self._outbox,
             self,
@@ -89,7 +92,11 @@ class HttpUplink:
             compress=self._compress,
             allow=self._allow,
         )
-        self._task = asyncio.create_task(self._drainer.run())
+        if spawn is None:
+            self._task = asyncio.create_task(self._drainer.run())
+        else:
+            spawn("http drain", self._drainer.run)
+            self.parts = ("http drain",)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.core.backoff import Backoff
+from agent.core.tasks import Spawn, Work, retry_forever
 from agent.telemetry.batch import EncodedBatch
 from agent.telemetry.drain import (
     BatchRejected,
@@ -100,6 +101,7 @@ class MqttUplink:
         self._driver: PahoDriver | None = None
         self._drainer: Drainer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.parts: tuple[str, ...] = ()  # names of the parts given to spawn()
         self.connect_attempts = 0
 
     # -- public API ---------------------------------------------------------------------------
@@ -124,10 +126,12 @@ class MqttUplink:
     def protocol(self) -> MQTTProtocolVersion:
         return self._protocol
 
-    async def start(self) -> None:
-        """Start connecting and draining; returns at once (the link may be down for hours)."""
+    async def start(self, spawn: Spawn | None = None) -> None:
+        """Start connecting and draining; returns at once (the link may be down for hours).
+        ``spawn(name, work)`` runs the long-running parts (the daemon's supervisor); without
+        it they run in tasks of the uplink's own, which :meth:`stop` ends."""
         self._driver = PahoDriver(self._new_client())
-        tasks = [self._supervise()]
+        work: dict[str, Work] = {"mqtt connection": self._connect_loop}
         if self._carry_readings:
             self._drainer = Drainer(
                 self._outbox,
@@ -138,11 +142,17 @@ class MqttUplink:
                 compress=self._compress,
                 allow=self._allow,
             )
-            tasks.append(self._drainer.run())
-        self._tasks = [asyncio.create_task(t) for t in tasks]
+            work["mqtt drain"] = self._drainer.run
+        if spawn is None:
+            self._tasks = [asyncio.create_task(w(), name=n) for n, w in work.items()]
+        else:
+            for name, w in work.items():
+                spawn(name, w)
+        self.parts = tuple(work)
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Publish a retained ``offline``, disconnect cleanly, and end every task."""
+        """Publish a retained ``offline``, disconnect cleanly, and end the uplink's own tasks
+        (parts run by a supervisor are the supervisor's to stop, first)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -230,17 +240,14 @@ class MqttUplink:
         else:
             client.connect(s.host, s.port, s.keepalive)
 
-    async def _supervise(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _connect_loop(self) -> None:
         s = self._settings
-        backoff = Backoff(s.reconnect_min, s.reconnect_max)
-        while True:
-            started = loop.time()
+
+        async def attempt() -> None:
             if await self._connect_once():
                 await self._serve()
-                if loop.time() - started >= backoff.cap:
-                    backoff.reset()
-            await asyncio.sleep(backoff.next_delay())
+
+        await retry_forever(attempt, Backoff(s.reconnect_min, s.reconnect_max))
 
     async def _connect_once(self) -> bool:
         assert self._driver is not None
