@@ -16,7 +16,6 @@ from pathlib import Path
 
 SECRET = 0o600
 PUBLIC = 0o644
-SHARED_SECRET = 0o640  # a secret of the service's group: root writes, the group reads
 
 
 class ProvisionError(Exception):

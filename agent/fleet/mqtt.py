@@ -79,9 +79,9 @@ def options_from(args: argparse.Namespace) -> BrokerOptions:
                          key=args.client_key, username=args.username, password=password)
 
 
-def new_client(opts: BrokerOptions, client_id: str = "", *, clean: bool = True,
-               **kwargs: Any) -> mqtt.Client:
-    """An MQTT 5 client set up for ``opts`` (not connected)."""
+def new_client(opts: BrokerOptions, client_id: str = "", **kwargs: Any) -> mqtt.Client:
+    """An MQTT 5 client set up for ``opts`` (not connected; :func:`start` says whether the
+    session starts clean)."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5, **kwargs)
     if opts.tls:
