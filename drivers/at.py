@@ -4,17 +4,27 @@ The codec never touches a port. The channel tells it which command it sends
 (:meth:`AtCodec.send`), feeds it whatever bytes arrive (:meth:`AtCodec.receive_data`) and pulls
 events (:meth:`AtCodec.next_event`):
 
-- :class:`Echo`: the modem repeating the command (echo on, as modems power up);
+- :class:`Echo`: the modem repeating the command (echo on, as modems power up): a line that
+  equals the command as written (ignoring case and surrounding blanks), before any answer;
 - :class:`Info`: an information line answering the command in flight;
 - :class:`Final`: the result that ends the command (``OK``, ``ERROR``, ``+CME ERROR``, ...);
 - :class:`Urc`: an unsolicited result code; ``banner`` is set for reboot banners (``RDY``);
 - :class:`Prompt`: the ``> `` prompt of ``AT+CMGS`` and friends;
-- :class:`Discarded`: bytes dropped because a line outgrew ``max_line``.
+- :class:`Discarded`: bytes dropped because a line outgrew ``max_line``;
+- :class:`Noise`: a line dropped as line noise (see below).
 
 Whether a ``+CREG:`` line answers the command or is unsolicited is decided by the command in
 flight and the shape of the line: ``+CREG: 2,1,"CE00","01CEAD8F"`` answers ``AT+CREG?``
 (leading ``<n>``), ``+CREG: 1,"17E0","00359D48",7`` during the same command is a URC, and any
 ``+CREG:`` during ``AT+CSQ`` is a URC.
+
+Echo is never guessed from position. With echo off, a modem in verbose mode (``V1``) starts
+every reply with a line break, so the first line of a reply that arrives *without* one is
+either framing the modem got wrong or line noise. It is classified by its shape, as any line:
+a final result, a solicited ``+CSQ: 20,99`` (an :class:`Info`) or a URC. Only a bare line
+without a prefix (which is what noise looks like, and what no known modem sends unframed) is
+dropped as :class:`Noise`: taking it for echo once made a false "echo came back on" reset out
+of every noisy reply.
 
 Tolerated: missing blank lines, bare CR or LF, CR CR LF, NUL and control bytes, invalid UTF-8,
 ``+CME ERROR:58`` without a space, data arriving one byte at a time.
@@ -27,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 
 __all__ = [
-    "AtCodec", "Discarded", "Echo", "Event", "Final", "Info", "Prompt", "Urc",
+    "AtCodec", "Discarded", "Echo", "Event", "Final", "Info", "Noise", "Prompt", "Urc",
     "registration_is_solicited", "response_prefixes", "split_fields", "unquote",
 ]
 
@@ -76,7 +86,15 @@ class Discarded:
     nbytes: int
 
 
-Event = Echo | Info | Final | Urc | Prompt | Discarded
+@dataclass(frozen=True, slots=True)
+class Noise:
+    """A line that is neither echo nor answer: a bare line with no line break before it, the
+    first thing after a command was sent."""
+
+    text: str
+
+
+Event = Echo | Info | Final | Urc | Prompt | Discarded | Noise
 
 _SIMPLE_FINALS = {
     "OK": "ok",
@@ -204,7 +222,7 @@ class AtCodec:
         self._command: str | None = None
         self._prefixes: tuple[str, ...] = ()
         self._prompt = False
-        self._fresh = False  # nothing but the echo can have come since the command was sent
+        self._fresh = False  # no line break has come since the command was sent
         self._answered = False  # an info line arrived for the command in flight
 
     @property
@@ -283,13 +301,16 @@ class AtCodec:
             self._command = None
             self._events.append(final)
             return
-        if not self._answered and (fresh or line.strip().upper() == command.strip().upper()):
+        bare = line.strip()
+        if not self._answered and bare.upper() == command.strip().upper():
             self._events.append(Echo(line))
             return
-        bare = line.strip()
         prefix = line_prefix(bare)
         if bare in _BARE_URCS or (prefix and not self._solicited(prefix, bare, command)):
             self._events.append(self._urc(line))
+            return
+        if fresh and not prefix:
+            self._events.append(Noise(line))
             return
         self._answered = True
         self._events.append(Info(line))

@@ -30,6 +30,12 @@ class CommandTimeout(TransientError):
     """No final result arrived within the command's timeout."""
 
 
+class ModemHung(CommandTimeout):
+    """The command was never sent: the channel spent the command's whole timeout recovering a
+    hung modem (or waiting for a reset modem to come back). Not a new timeout of the modem's:
+    the hang that started the recovery was reported once, when it began."""
+
+
 class ModemReset(TransientError):
     """The modem rebooted (``RDY`` or another banner) while a command was in flight."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -66,6 +66,13 @@ class Channel(Protocol):
                       expect: tuple[str, ...] = ()) -> list[str]: ...
 
     def add_urc_listener(self, callback: Callable[[Urc], None]) -> Callable[[], None]: ...
+
+
+@runtime_checkable
+class Resettable(Protocol):
+    """A channel that resets the modem itself (recovery): it is told the vendor's command."""
+
+    reset_command: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +169,16 @@ class Modem:
     # -- set-up --------------------------------------------------------------------------
     async def init(self) -> Profile:
         """Echo off, numeric ``+CME ERROR``, identify the vendor, enable registration reports
-        (with reject causes where the modem has them). Failures are tolerated."""
+        (with reject causes where the modem has them). Failures are tolerated. A channel that
+        resets the modem itself (:class:`Resettable`, e.g. AtChannel) learns the vendor's reset
+        command here (Telit's ``AT#REBOOT``, ``AT+CFUN=1,1`` elsewhere)."""
         for cmd in ("ATE0", "AT+CMEE=1"):
             await self._optional(self.channel.command(cmd))
         manufacturer = await self._optional(self._read("AT+CGMI", parse_manufacturer))
         model = await self._optional(self._read("AT+CGMM", parse_model))
         self.profile = identify(manufacturer, model)
+        if isinstance(self.channel, Resettable):
+            self.channel.reset_command = self.profile.reset_command
         for cmd in self.profile.init_commands:
             if await self._optional(self.channel.command(cmd)) is None and cmd == "AT+CEREG=3":
                 await self._optional(self.channel.command("AT+CEREG=2"))

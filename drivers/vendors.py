@@ -103,7 +103,9 @@ class Profile:
     """One dialect. ``manufacturer``/``model`` are regular expressions searched (ignoring case)
     in the ``+CGMI``/``+CGMM`` answers; ``iccid_prefix`` is the answer's prefix (None: a bare
     line). Commands set to None are not supported by the vendor (the temperature command: not
-    confirmed from the vendor's manual)."""
+    confirmed from the vendor's manual). ``reset_command`` is what the AT channel sends to
+    reset the modem (its recovery ladder, and reset orders): :meth:`drivers.modem.Modem.init`
+    hands it to the channel."""
 
     name: str
     manufacturer: str = ""

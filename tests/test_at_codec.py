@@ -13,6 +13,7 @@ from drivers.at import (
     Event,
     Final,
     Info,
+    Noise,
     Prompt,
     Urc,
     response_prefixes,
@@ -81,6 +82,44 @@ def test_echo_on_and_off() -> None:
         Info("866758040000008"), Final("OK", "ok")]
 
 
+def both_ways(command: str, data: bytes) -> list[Event]:
+    """The events of ``data`` fed whole, checked equal to those of one byte at a time."""
+    whole = run(command, data)
+    assert run(command, data, chunk=1) == whole
+    return whole
+
+
+def test_echo_is_only_the_command_sent() -> None:
+    # Echo off and the reply's leading CRLF missing: the first line is the answer, not echo.
+    assert both_ways("AT+CSQ", b"+CSQ: 20,99\r\n\r\nOK\r\n") == [
+        Info("+CSQ: 20,99"), Final("OK", "ok")]
+    assert both_ways("AT+CSQ", b"+CSQ: 20,99\r\nOK\r\n") == [
+        Info("+CSQ: 20,99"), Final("OK", "ok")]
+    assert both_ways("AT+CPIN?", b"OK\r\n") == [Final("OK", "ok")]
+    assert both_ways("AT+CSQ", b'+CREG: 1,"5C9","39E5"\r\n+CSQ: 9,99\r\n\r\nOK\r\n') == [
+        Urc('+CREG: 1,"5C9","39E5"'), Info("+CSQ: 9,99"), Final("OK", "ok")]
+    # The echo is the command as written, whatever the case and blanks around it.
+    assert both_ways("AT+CGSN", b"at+cgsn \r\r\n866758040000008\r\n\r\nOK\r\n") == [
+        Echo("at+cgsn "), Info("866758040000008"), Final("OK", "ok")]
+    # Another command's text is not this command's echo.
+    assert both_ways("AT+CSQ", b"AT+CGSN\r\n\r\nOK\r\n") == [
+        Noise("AT+CGSN"), Final("OK", "ok")]
+
+
+def test_line_noise_before_a_reply_is_neither_echo_nor_answer() -> None:
+    assert both_ways("AT+CGMI", b"x\x93#q\r\n\r\nQuectel\r\n\r\nOK\r\n") == [
+        Noise("x#q"), Info("Quectel"), Final("OK", "ok")]
+    # Noise that came before the command was sent ends up in the same first line.
+    codec = AtCodec()
+    codec.receive_data(b"\xfe~z")
+    codec.send("AT+CGMM")
+    codec.receive_data(b"\r\nEC25\r\n\r\nOK\r\n")
+    assert codec.events() == [Noise("~z"), Info("EC25"), Final("OK", "ok")]
+    # Once a line break came, a bare line is an answer line (ATI, +CGSN print bare lines).
+    assert both_ways("AT+CGMI", b"\r\nQuectel\r\n\r\nOK\r\n") == [
+        Info("Quectel"), Final("OK", "ok")]
+
+
 def test_banner_and_bare_urcs_inside_a_reply() -> None:
     assert run("AT+CGMR", b"\r\nRING\r\n\r\nRDY\r\n") == [Urc("RING"), Urc("RDY", banner=True)]
 
@@ -138,6 +177,18 @@ def replies(draw: st.DrawFn) -> tuple[list[bytes], bytes]:
 
 @settings(max_examples=300, deadline=None)
 @given(replies(), st.integers(min_value=1, max_value=7))
+def test_reply_without_its_leading_line_break_loses_no_line(
+        reply: tuple[list[bytes], bytes], chunk: int) -> None:
+    lines, wire = reply
+    unframed = wire.removeprefix(b"\r\n")
+    events = run("AT+X", unframed, chunk=chunk)
+    assert events == run("AT+X", unframed)
+    assert [e.text.encode() for e in events if isinstance(e, Info)] == lines
+    assert not any(isinstance(e, Echo | Noise) for e in events)
+
+
+@settings(max_examples=300, deadline=None)
+@given(replies(), st.integers(min_value=1, max_value=7))
 def test_chunking_never_changes_the_events(reply: tuple[list[bytes], bytes],
                                            chunk: int) -> None:
     _, wire = reply
@@ -166,4 +217,5 @@ def test_noise_between_frames_never_loses_a_final(
 @given(st.binary(max_size=300), st.booleans())
 def test_arbitrary_bytes_never_raise(data: bytes, in_flight: bool) -> None:
     events = run("AT+CSQ" if in_flight else None, data, chunk=3)
-    assert all(isinstance(e, Echo | Info | Final | Urc | Prompt | Discarded) for e in events)
+    assert all(isinstance(e, Echo | Info | Final | Urc | Prompt | Discarded | Noise)
+               for e in events)

@@ -82,9 +82,18 @@ CORPUS = Path(__file__).parents[2] / "shared" / "corpus" / "at_responses.jsonl"
 
 OUT_OF_SCOPE: dict[str, str] = {
     # codec decisions
-    "mm-framing-echo-313": "MM strips echo only up to CR LF; our codec takes the first fresh "
-                           "line after a command as its echo, whatever ends it",
+    "mm-framing-echo-313": "MM strips echo only up to CR LF; our codec takes only the command's "
+                           "own text as its echo, whatever ends it",
     "mm-framing-echo-314": "idem, line ended by a bare LF",
+    # ModemManager takes anything before the first CR LF for echo, with no command named. Our
+    # codec takes only the command's own text for echo (a reply line missing its leading CR LF,
+    # e.g. "+CSQ: 20,99", must not be dropped as echo and fire a false "echo came back"
+    # reset): a line without its leading CR LF is parsed by its shape, a bare one is noise.
+    "mm-framing-echo-316": "echo is only the command's own text; no command named here",
+    "mm-framing-echo-317": "idem",
+    "mm-framing-echo-318": "idem",
+    "mm-framing-echo-319": "idem",
+    "mm-framing-echo-320": "idem",
     # what a data-only gateway agent never reads
     "mm-framing-urc-464": "+CLCC voice call list: the agent handles no calls",
     "pygsm-cme-error-059": "asserts python-gsmmodem's CmsError.smsc (SMS centre address); "

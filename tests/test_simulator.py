@@ -1,5 +1,11 @@
 """The modem simulator over a real pty: every personality, the SIM and network state machines,
-and every fault, read back as bytes by a host on the slave side."""
+and every fault, read back as bytes by a host on the slave side.
+
+No test waits for time: each waits for what it means (a reply, a banner, the simulator's own
+``booting``/``silent``/``flooding``/``ignored``), with timeouts only against a hang. SIM busy
+time and traffic rates run on a :class:`Clock` the test moves. "Nothing arrived" is read up to
+the reply to a later ``AT``: the pty keeps order, so whatever the modem had sent comes first.
+"""
 
 from __future__ import annotations
 
@@ -106,18 +112,43 @@ class Host:
         self.send(cmd)
         return await self.wait_for(lambda b: FINAL.search(b) is not None, timeout)
 
-    async def quiet(self, seconds: float) -> bytes:
-        """Whatever arrives within ``seconds``."""
-        await asyncio.sleep(seconds)
-        out = bytes(self.buf)
-        self.buf.clear()
-        return out
+    async def before_reply(self, timeout: float = 3.0) -> bytes:
+        """Send ``AT``: everything that came before its reply (echo or not). The modem answers
+        in order, so this is all it sent before it read the ``AT``."""
+        self.send("AT")
+        out = await self.wait_for(lambda b: b.endswith(b"OK\r\n"), timeout)
+        for reply in (b"AT\r\r\nOK\r\n", b"\r\nOK\r\n"):
+            if out.endswith(reply):
+                return out[: -len(reply)]
+        raise AssertionError(f"no reply to AT in {out!r}")
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(self.fd)
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+class Clock:
+    """The simulator engine's clock, moved by the test (SIM busy time, traffic rates)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Wait for ``condition()`` to hold; ``timeout`` only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
 
 
 @contextlib.asynccontextmanager
@@ -217,7 +248,8 @@ async def test_echo_on_at_power_up_and_off_after_ate0() -> None:
 @async_test
 async def test_pin_flow_busy_and_error_modes() -> None:
     scenario = {"sim": {"state": "pin-required"}}
-    async with modem("quectel", scenario) as (sim, host):
+    clock = Clock()
+    async with modem("quectel", scenario, clock=clock) as (sim, host):
         await host.command("ATE0")
         assert await host.command("AT+CPIN?") == b"\r\n+CPIN: SIM PIN\r\n\r\nOK\r\n"
         assert await host.command("AT+CIMI") == b"\r\n+CME ERROR: 11\r\n"
@@ -231,8 +263,10 @@ async def test_pin_flow_busy_and_error_modes() -> None:
         assert reply.startswith(b"\r\nOK\r\n")
         if b"+CPIN: READY" not in reply:
             await host.until(b"+CPIN: READY\r\n")
+        assert await host.command("AT+CIMI") == b"\r\n+CME ERROR: 14\r\n"  # SIM busy
+        clock.advance(0.29)
         assert await host.command("AT+CIMI") == b"\r\n+CME ERROR: 14\r\n"
-        await asyncio.sleep(0.35)
+        clock.advance(0.01)
         assert await host.command("AT+CIMI") == b"\r\n295050912345678\r\n\r\nOK\r\n"
         await host.command("AT+CMEE=0")
         assert await host.command('AT+CPIN="1234"') == b"\r\nERROR\r\n"
@@ -256,12 +290,13 @@ async def test_three_wrong_pins_lock_with_puk() -> None:
 
 @async_test
 async def test_sim_swap_changes_iccid_and_imsi() -> None:
-    async with modem("simcom") as (sim, host):
+    clock = Clock()
+    async with modem("simcom", clock=clock) as (sim, host):
         await host.command("ATE0")
         sim.set_sim(iccid="8981100005819480022", imsi="295050900000001")
         await host.until(b"+CPIN: READY\r\n")
         assert await host.command("AT+CICCID") == b"\r\nERROR\r\n"  # SIM busy, CMEE=0
-        await asyncio.sleep(0.35)
+        clock.advance(0.3)
         assert b"+ICCID: 8981100005819480022" in await host.command("AT+CICCID")
         assert b"295050900000001" in await host.command("AT+CIMI")
 
@@ -292,12 +327,12 @@ async def test_registration_urcs_follow_the_modes_set() -> None:
         )
         # no URC when nothing changed
         sim.set_network("home")
-        assert await host.quiet(0.1) == b""
+        assert await host.before_reply() == b""
 
 
 @async_test
 async def test_cfun_radio_off_and_reboot() -> None:
-    async with modem("simcom") as (_sim, host):
+    async with modem("simcom", clock=Clock()) as (sim, host):
         await host.command("ATE0;+CEREG=1")
         reply = await host.command("AT+CFUN=4")
         assert reply.startswith(b"\r\nOK\r\n")
@@ -309,11 +344,14 @@ async def test_cfun_radio_off_and_reboot() -> None:
         if b"+CEREG: 5" not in reply:
             await host.until(b"+CEREG: 5\r\n")
         assert await host.command("AT+CFUN=1,1") == b"\r\nOK\r\n"
-        assert await host.quiet(0.1) == b""  # rebooting: silent
+        assert sim.booting
+        host.send("AT")  # rebooting: silent, it is not read
+        await until(lambda: sim.ignored >= 3, "the modem to drop the AT")
+        # Nothing but the banner came since the OK: no answer to that AT, before or after it.
         banner = await host.until(b"PB DONE\r\n")
         assert banner == b"\r\nRDY\r\n\r\n+CPIN: READY\r\n\r\nSMS DONE\r\n\r\nPB DONE\r\n"
         assert await host.command("AT") == b"AT\r\r\nOK\r\n"  # echo back on
-        assert b"+CME ERROR" in await host.command("AT+CMEE=1;+CIMI")  # SIM busy a moment
+        assert b"+CME ERROR: 14" in await host.command("AT+CMEE=1;+CIMI")  # SIM busy a moment
         assert await host.command("AT+CEREG?") == b"AT+CEREG?\r\r\n+CEREG: 0,5\r\n\r\nOK\r\n"
 
 
@@ -344,17 +382,16 @@ async def test_pdp_clock_and_signal() -> None:
 # -- counters and SMS ------------------------------------------------------------------------
 @async_test
 async def test_counters_grow_with_traffic() -> None:
-    async with modem("quectel") as (sim, host):
+    clock = Clock()
+    async with modem("quectel", clock=clock) as (sim, host):
         await host.command("ATE0")
         assert sim.add_traffic(1000, 5000)
         assert await host.command("AT+QGDCNT?") == b"\r\n+QGDCNT: 1000,5000\r\n\r\nOK\r\n"
         await host.command("AT+QGDCNT=0")
         assert await host.command("AT+QGDCNT?") == b"\r\n+QGDCNT: 0,0\r\n\r\nOK\r\n"
         sim.set_traffic_rate(up_bps=1000, down_bps=10000)
-        await asyncio.sleep(0.3)
-        sent, recv = map(int, re.findall(rb"\d+", await host.command("AT+QGDCNT?")))
-        assert 200 <= sent <= 1000
-        assert 2000 <= recv <= 10000
+        clock.advance(0.25)
+        assert await host.command("AT+QGDCNT?") == b"\r\n+QGDCNT: 250,2500\r\n\r\nOK\r\n"
         sim.set_traffic_rate()
         sim.set_radio(0)  # no context, no traffic
         assert not sim.add_traffic(1, 1)
@@ -386,23 +423,28 @@ async def test_sms_cmti_and_storage() -> None:
         assert await host.command("AT+CMGD=1") == b"\r\nOK\r\n"
         assert await host.command("AT+CMGR=1") == b"\r\n+CMS ERROR: 321\r\n"
         await host.command("AT+CNMI=0,0")
-        sim.receive_sms("quiet")
-        assert await host.quiet(0.1) == b""
+        assert sim.receive_sms("quiet") == 1
+        assert await host.before_reply() == b""
 
 
 # -- faults ----------------------------------------------------------------------------------
 @async_test
 async def test_silence_for_a_while_and_for_good() -> None:
     async with modem() as (sim, host):
+        await host.command("AT+CEREG=1")
         sim.silence(0.4)
         host.send("AT")
-        assert await host.quiet(0.3) == b""
-        await asyncio.sleep(0.15)
-        assert await host.command("AT") == b"AT\r\r\nOK\r\n"
+        await until(lambda: sim.ignored == 3, "the modem to drop the AT")
+        await until(lambda: not sim.silent, "the silence to end")
+        # One answer, to the AT sent now: the dropped one got none, before or since.
+        assert await host.before_reply() == b""
         sim.silence()
         host.send("AT")
-        sim.set_network("denied", reject_cause=7)
-        assert await host.quiet(0.3) == b""
+        sim.set_network("denied", reject_cause=7)  # a +CEREG URC, were it not silent
+        await until(lambda: sim.ignored == 6, "the modem to drop the AT")
+        assert sim.silent
+        sim.silence(0)  # only to read what came meanwhile: nothing
+        assert await host.before_reply() == b""
 
 
 @async_test
@@ -424,38 +466,45 @@ async def test_garbage_between_and_inside_frames() -> None:
         assert b"\n" not in noise
         sim.set_noise(1.0, inside=True)
         host.send("AT+CGMM")
-        await asyncio.sleep(0.2)
-        reply = await host.quiet(0)
-        assert reply.startswith(b"AT+CGMM\r")
-        assert reply != b"AT+CGMM\r\r\nEC25\r\n\r\nOK\r\n"
-        assert len(reply) > len(b"AT+CGMM\r\r\nEC25\r\n\r\nOK\r\n")
+        # The echo, then the reply with 1 to 8 random bytes somewhere inside it.
+        echo, clean = b"AT+CGMM\r", b"\r\nEC25\r\n\r\nOK\r\n"
+
+        def noisy_reply(b: bytes) -> bool:
+            rest = b.removeprefix(echo)
+            n = len(rest) - len(clean)
+            return (b.startswith(echo) and 1 <= n <= 8 and
+                    any(rest[:i] + rest[i + n:] == clean for i in range(len(clean) + 1)))
+
+        await host.wait_for(noisy_reply)
 
 
 @async_test
 async def test_urc_flood() -> None:
     async with modem() as (sim, host):
         sim.flood(200, 0.5, '+QIND: "csq",20,99')
-        await asyncio.sleep(0.8)
-        count = (await host.quiet(0)).count(b'\r\n+QIND: "csq",20,99\r\n')
-        assert 80 <= count <= 120
-        assert await host.command("AT") == b"AT\r\r\nOK\r\n"
+        assert sim.flooding
+        await until(lambda: not sim.flooding, "the flood to end")
+        urcs = await host.before_reply()
+        assert urcs == b'\r\n+QIND: "csq",20,99\r\n' * 100
 
 
 @async_test
 async def test_spontaneous_reboot() -> None:
     async with modem("quectel", {"sim": {"state": "pin-required"}}) as (sim, host):
-        await host.command('ATE0;+CPIN="1234"')
-        await asyncio.sleep(0.35)
+        reply = await host.command('ATE0;+CPIN="1234"')
+        if b"+CPIN: READY" not in reply:
+            await host.until(b"+CPIN: READY\r\n")
         sim.reboot()
         host.send("AT")
-        assert await host.quiet(0.1) == b""
+        await until(lambda: sim.ignored == 3, "the rebooting modem to drop the AT")
+        # The banner and nothing else: the dropped AT is not answered, before it or after.
         assert await host.until(b"RDY\r\n") == b"\r\nRDY\r\n"
-        assert await host.command("AT") == b"AT\r\r\nOK\r\n"
+        assert await host.before_reply() == b""  # echo back on: "AT\r\r\nOK\r\n"
         assert b"+CPIN: SIM PIN" in await host.command("AT+CPIN?")
         async with modem("ublox") as (sim2, host2):
             sim2.reboot()
-            assert await host2.quiet(0.4) == b""  # u-blox prints no banner
-            assert await host2.command("AT") == b"AT\r\r\nOK\r\n"
+            await until(lambda: not sim2.booting, "the reboot to end")
+            assert await host2.before_reply() == b""  # u-blox prints no banner
 
 
 @async_test
@@ -467,14 +516,13 @@ async def test_vanish_gives_eio_then_reappears_on_new_path(tmp_path: Path) -> No
         old = sim.path
         sim.vanish(reappear_after=0.3)
         with pytest.raises(PortGone):
-            await host.until(b"never", timeout=1.0)
+            await host.until(b"never", timeout=10.0)
         # Linux hangs the slave up: reads give EOF (some kernels: EIO), poll gives HUP
         assert host.eof or (host.error is not None and host.error.errno == errno.EIO)
         assert not link.exists()
         with pytest.raises(OSError):
             os.close(os.open(old, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK))
-        await asyncio.sleep(0.4)
-        assert len(paths) == 2
+        await until(lambda: len(paths) == 2, "the port to reappear")
         assert paths[1] == sim.path != old
         assert os.readlink(link) == sim.path
         host2 = Host(sim.path)
@@ -508,9 +556,9 @@ async def test_scenario_steps_run_on_time() -> None:
     async with modem(scenario=FIXTURES / "sim_denied_soon.json") as (sim, host):
         assert sim.personality.key == "ublox"
         await host.command("ATE0;+CEREG=3")
-        urc = await host.until(b",8\r\n", timeout=1)
+        urc = await host.until(b",8\r\n", timeout=10)
         assert urc == b'\r\n+CEREG: 3,"1A2B","01A2D0F3",7,0,8\r\n'
-        assert await host.until(b'+CMTI: "ME",1\r\n', timeout=1)
+        assert await host.until(b'+CMTI: "ME",1\r\n', timeout=10)
 
 
 @pytest.mark.parametrize(

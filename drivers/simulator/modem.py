@@ -4,6 +4,12 @@ The master side of an ``os.openpty()`` pair joins the loop with ``add_reader``; 
 set raw so the kernel neither echoes nor edits lines (the modem's own ATE echo is simulated).
 Faults (silence, slowness, noise, URC floods, reboots, the port vanishing) and scenario steps
 are timers on the same loop: no threads, no polling.
+
+What a test can wait for instead of sleeping: :attr:`SimulatedModem.booting`,
+:attr:`SimulatedModem.silent`, :attr:`SimulatedModem.flooding` and the count of input bytes the
+modem ignored (:attr:`SimulatedModem.ignored`: read while silent or booting). ``clock`` is the
+engine's clock (SIM busy time, traffic counters): a test that passes its own clock decides when
+the SIM stops being busy and how many bytes a traffic rate adds.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class SimulatedModem:
         sim_busy_seconds: float | None = None,
         banner_on_start: bool = False,
         on_path: Callable[[str], None] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if isinstance(scenario, str | Path):
             scenario = load_scenario(scenario)
@@ -73,12 +80,14 @@ class SimulatedModem:
         )
         self.state = ModemState()
         self.engine = Engine(
-            self.personality, self.state, on_urc=self.emit_urc, sim_busy_seconds=busy
+            self.personality, self.state, on_urc=self.emit_urc, sim_busy_seconds=busy,
+            **({"clock": clock} if clock is not None else {}),
         )
         self.link = Path(link) if link is not None else None
         self.on_path = on_path
         self.banner_on_start = banner_on_start
         self.commands: list[str] = []  # every command line received, for tests and demos
+        self.ignored = 0  # input bytes dropped while silent or booting
         self.path = ""
         self._rng = random.Random(sc.seed if seed is None else seed)
         self._apply_initial(sc)
@@ -136,6 +145,7 @@ class SimulatedModem:
         self._timers.clear()
         if self._flood is not None:
             self._flood.cancel()
+            self._flood = None
         if self._port is not None:
             self._port.close()
         self.closed.set()
@@ -175,6 +185,7 @@ class SimulatedModem:
     # -- input -------------------------------------------------------------------------------
     def _on_data(self, data: bytes) -> None:
         if self._silent():
+            self.ignored += len(data)
             return
         self._inbuf += data
         while (end := self._inbuf.find(b"\r")) >= 0:
@@ -213,6 +224,21 @@ class SimulatedModem:
         if self.engine.reboot_requested:
             self.engine.reboot_requested = False
             self.reboot()
+
+    @property
+    def silent(self) -> bool:
+        """Neither answering nor sending URCs now (silenced, booting or vanished)."""
+        return self._silent()
+
+    @property
+    def booting(self) -> bool:
+        """Rebooting: silent until the banner."""
+        return self._booting
+
+    @property
+    def flooding(self) -> bool:
+        """A :meth:`flood` still has URCs to send."""
+        return self._flood is not None
 
     def _silent(self) -> bool:
         return (
@@ -318,22 +344,28 @@ class SimulatedModem:
         self._noise_inside = inside
 
     def flood(self, rate: float, duration: float, text: str | None = None) -> None:
-        """``rate`` URCs per second for ``duration`` seconds (default: a +CEREG report)."""
+        """``rate`` URCs per second for ``duration`` seconds (default: a +CEREG report):
+        ``round(rate * duration)`` of them in all, however late the loop runs the timers (a
+        late tick sends what is due; the last sends the rest). Silence drops them, as any URC;
+        the port vanishing ends the flood."""
         if self._flood is not None:
             self._flood.cancel()
         assert self._loop is not None
-        end = self._now() + duration
+        start = self._now()
+        end = start + duration
+        total = round(rate * duration)
         interval = max(1.0 / rate, 0.01)
-        credit = [0.0]
+        sent = [0]
 
         def tick() -> None:
-            credit[0] += rate * interval
+            now = self._now()
+            due = total if now + interval > end else min(total, int(rate * (now - start)) + 1)
             line = text or self.engine.reg_line("+CEREG", 2, solicited=False)
-            while credit[0] >= 1:
-                credit[0] -= 1
+            while sent[0] < due:
+                sent[0] += 1
                 self.emit_urc(line)
-            if self._now() + interval <= end and self._online:
-                self._flood = self._loop.call_later(interval, tick) if self._loop else None
+            if sent[0] < total and self._online and self._loop is not None:
+                self._flood = self._loop.call_later(interval, tick)
             else:
                 self._flood = None
 
