@@ -18,10 +18,6 @@ class TransientError(ModemError):
     """A failure that may go away by itself: retry later."""
 
 
-class CodecError(ModemError):
-    """The byte stream broke a framing rule (e.g. a line longer than the codec keeps)."""
-
-
 class PortError(ModemError):
     """The port cannot be opened, is busy, or vanished."""
 
