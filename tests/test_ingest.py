@@ -249,11 +249,16 @@ async def test_gate_refuses_with_its_reason(outbox: Outbox, short_dir: Path) -> 
 async def test_store_full_is_an_answer(server: IngestServer, store: Store, outbox: Outbox) -> None:
     line = b'{"topic": "a", "data": "' + b"x" * 900 + b'"}\n'
     assert (await exchange(server.path, [line]))[0]["ok"]
-    pages = store.query("PRAGMA page_count")[0][0]
-    store.query(f"PRAGMA max_page_count = {pages + 1}")
+
+    def limit(pages: int | None) -> None:  # on the writer's connection, its thread
+        with store.transaction() as db:
+            pages = pages or db.execute("PRAGMA page_count").fetchone()[0] + 1
+            db.execute(f"PRAGMA max_page_count = {pages}")
+
+    await store.run(limit, None)
     answers = await exchange(server.path, [line] * 20)
     assert any("store full" in a.get("error", "") for a in answers)
-    store.query("PRAGMA max_page_count = 1000000")
+    await store.run(limit, 1000000)
     assert (await exchange(server.path, [line]))[0]["ok"]
 
 

@@ -175,11 +175,44 @@ def test_age_bound_by_enqueue_clock_not_before_2020(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_rolled_back_expiry_is_done_again_at_once(store: Store) -> None:
+    clock = Clock()
+    outbox = Outbox(store, max_bytes=1 << 20, max_age=3600, clock=clock)
+    old = outbox.add([reading("a", 0)])
+    clock.now += 3700
+    with pytest.raises(RuntimeError), store.transaction():
+        outbox.add([reading("a", 1)])  # expires the old reading, in a transaction ...
+        assert outbox.next_batch(TELEMETRY, 10, 1 << 20)[0].id != old[0]
+        raise RuntimeError("... that fails")
+    assert [r.id for r in outbox.next_batch(TELEMETRY, 10, 1 << 20)] == old  # rolled back
+    clock.now += 1  # well within the expiry interval
+    new = outbox.add([reading("a", 2)])
+    assert [r.id for r in outbox.next_batch(TELEMETRY, 10, 1 << 20)] == new
+    assert outbox.drops() == {"max_age": (1, len(reading("a", 0)[2]) + 1)}
+
+
+def test_a_rolled_back_drop_report_is_made_again_at_once(store: Store) -> None:
+    clock = Clock()
+    size = len(reading("a", 0, pad=70)[2]) + 1
+    outbox = Outbox(store, max_bytes=3 * size, max_age=86400, clock=clock)
+    outbox.add([reading("a", i, pad=70) for i in range(3)])
+    with pytest.raises(RuntimeError), store.transaction():
+        outbox.add([reading("a", i, pad=70) for i in range(3, 6)])  # drops 3, reports them
+        assert [r.topic for r in outbox.next_batch(EVENTS, 10, 1 << 20)] == ["outbox-drop"]
+        raise RuntimeError("and fails")
+    assert outbox.next_batch(EVENTS, 10, 1 << 20) == [] and outbox.drops() == {}
+    clock.now += 1  # well within the report interval
+    outbox.add([reading("a", i, pad=70) for i in range(6, 9)])
+    (event,) = outbox.next_batch(EVENTS, 10, 1 << 20)
+    assert json.loads(event.data)["count"] == 3
+
+
 def test_full_disk_refuses_new_readings_and_keeps_old(store: Store) -> None:
     outbox = Outbox(store, max_bytes=1 << 30, max_age=3600)
     kept = outbox.add([reading("a", i) for i in range(10)])
-    pages = store.query("PRAGMA page_count")[0][0]
-    store.query(f"PRAGMA max_page_count = {pages + 2}")
+    with store.transaction() as db:  # on the writer's connection
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages + 2}")
     with pytest.raises(StoreFull):
         outbox.add([reading("a", i, pad=3000) for i in range(20)])
     assert outbox.depth() == (10, sum(r.size for r in outbox.next_batch(TELEMETRY, 100, 1 << 20)))
@@ -229,9 +262,9 @@ def test_events_emit_to_outbox_and_listeners(store: Store) -> None:
     heard: list[tuple[str, dict[str, object]]] = []
     remove = events.add_listener(lambda kind, payload: heard.append((kind, payload)))
     events.add_listener(lambda kind, payload: boom())
-    event_id = events.emit("sim-swapped", old="1", new="2")
+    events.emit("sim-swapped", old="1", new="2")  # no loop here: committed before it returns
     (stored,) = outbox.next_batch(EVENTS, 10, 1000)
-    assert stored.id == event_id and stored.topic == "sim-swapped"
+    assert stored.topic == "sim-swapped"
     payload = {"kind": "sim-swapped", "ts": NOW, "old": "1", "new": "2"}
     assert json.loads(stored.data) == payload
     assert heard == [("sim-swapped", payload)]

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_fresh_database_is_wal_full_sync_and_migrated(tmp_path: Path) -> None:
     store = Store(tmp_path / "sub" / "db.sqlite")
     assert store.query("PRAGMA journal_mode") == [("wal",)]
-    assert store.query("PRAGMA synchronous") == [(2,)]  # FULL
+    with store.transaction() as db:  # the writer's connection
+        assert db.execute("PRAGMA synchronous").fetchall() == [(2,)]  # FULL
     assert store.version == len(MIGRATIONS)
     assert store.integrity_check() == "ok"
     store.close()
@@ -116,6 +117,47 @@ async def test_run_uses_one_worker_thread(tmp_path: Path) -> None:
     names = {await store.run(lambda: threading.current_thread().name) for _ in range(5)}
     assert len(names) == 1
     assert names != {threading.current_thread().name}
+    store.close()
+
+
+async def test_writes_from_the_loop_run_in_order_on_the_writer_thread(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(tmp_path / "db", migrations=("CREATE TABLE t (x INTEGER);",))
+    threads: set[str] = set()
+
+    def insert(x: int) -> None:
+        threads.add(threading.current_thread().name)
+        with store.transaction() as db:
+            db.execute("INSERT INTO t VALUES (?)", (x,))
+
+    for x in range(10):
+        store.submit(insert, x)
+        store.write(lambda x=x: insert(x + 100))  # on the loop: queued too
+    rows = await store.run(store.query, "SELECT x FROM t ORDER BY rowid")
+    assert rows == [(x + d,) for x in range(10) for d in (0, 100)]
+    assert threads == {await store.run(lambda: threading.current_thread().name)}
+    assert threading.current_thread().name not in threads
+    store.close()
+    refused = store.submit(insert, 99)
+    assert isinstance(refused.exception(), StoreError)
+    assert "insert not saved" in caplog.text and "closed" in caplog.text
+
+
+def test_writes_without_an_event_loop_are_done_at_once(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db", migrations=(
+        "CREATE TABLE t (x INTEGER); CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);",))
+    queued = store.submit(store.query, "SELECT 1")  # the writer thread exists: ordered after it
+
+    def insert() -> None:
+        with store.transaction() as db:
+            db.execute("INSERT INTO t VALUES (1)")
+
+    store.write(insert)
+    assert queued.done() and store.query("SELECT x FROM t") == [(1,)]
+    store.put_meta({"k": "v"})
+    assert store.query("SELECT value FROM meta WHERE key = 'k'") == [("v",)]
+    with pytest.raises(StoreError, match="no such table"):
+        store.write(lambda: store.query("SELECT * FROM missing"))
     store.close()
 
 

@@ -84,11 +84,11 @@ class _FailingOnce:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._outbox, name)
 
-    def next_batch(self, *args: Any) -> Any:
+    async def fetch(self, *args: Any) -> Any:
         if self.failures == 0:
             self.failures += 1
             raise StoreError("store failed while reading: disk I/O error")
-        return self._outbox.next_batch(*args)
+        return await self._outbox.fetch(*args)
 
 
 async def test_the_drain_survives_a_store_error(tmp_path: Path, broker: Broker) -> None:

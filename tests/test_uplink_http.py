@@ -86,17 +86,17 @@ class RecordingOutbox:
         self.endpoint = endpoint
         self.acked: list[tuple[str, int]] = []
 
-    def next_batch(self, stream: str, max_count: int, max_bytes: int) -> list[Reading]:
-        return self.inner.next_batch(stream, max_count, max_bytes)
+    async def fetch(self, stream: str, max_count: int, max_bytes: int) -> list[Reading]:
+        return await self.inner.fetch(stream, max_count, max_bytes)
 
     def add_listener(self, callback: Callable[[], None]) -> Callable[[], None]:
         return self.inner.add_listener(callback)
 
-    def ack(self, ids: Sequence[str]) -> None:
+    def ack_soon(self, ids: Sequence[str]) -> None:
         with self.endpoint.lock:
             answered = len(self.endpoint.requests)
         self.acked += [(i, answered) for i in ids]
-        self.inner.ack(ids)
+        self.inner.ack_soon(ids)
 
 
 @pytest.mark.parametrize("compress", [False, True])

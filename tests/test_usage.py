@@ -369,3 +369,39 @@ def test_set_plan_order_moves_the_cycle_day_and_survives_restart(rig: Rig) -> No
     assert rig.meter.report(ICCID)["period"]["start"] == "2026-04-15T00:00:00+00:00"
     with pytest.raises(ValueError, match="cycle_day"):
         rig.meter.set_plan(ICCID, 5, cycle_day=31)
+
+
+def test_reports_for_the_runtime_row_come_from_memory(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime row asks for every SIM's report each time it is written: no store reads,
+    until usage, a plan or the period changes."""
+    reads: list[str] = []
+    real = rig.store.query
+
+    def counted(sql: str, params: tuple[object, ...] = ()) -> list[object]:
+        reads.append(sql)
+        return real(sql, params)
+
+    monkeypatch.setattr(rig.store, "query", counted)
+    rig.meter.observe(ICCID, "kernel", Counters(1000, 2000, 10, 20), epoch="e")
+    reads.clear()
+    first = rig.meter.reports([ICCID, None])
+    assert [r["bytes_up"] for r in first] == [1000]
+    assert rig.meter.reports([ICCID]) == first and reads == []
+    rig.meter.observe(ICCID, "kernel", Counters(5000, 2000, 30, 20), epoch="e")
+    reads.clear()
+    assert [r["bytes_up"] for r in rig.meter.reports([])] == [5000]  # the SIM in use
+    assert reads == []
+    rig.meter.set_plan(ICCID, 10**6)
+    rig.meter.set_plan(OTHER, 10**7)
+    reads.clear()
+    mine, other = rig.meter.reports([OTHER, ICCID])
+    assert (mine["iccid"], mine["plan_bytes"], other["plan_bytes"]) == (ICCID, 10**6, 10**7)
+    assert reads  # the other SIM's report was read once ...
+    reads.clear()
+    assert rig.meter.reports([OTHER, ICCID]) == [mine, other] and reads == []  # ... then kept
+    assert mine == rig.meter.report(ICCID)
+    rig.clock.now += 40 * 86400  # a new period: nothing used in it yet
+    reads.clear()
+    (fresh,) = rig.meter.reports([ICCID])
+    assert reads and fresh["bytes_up"] == 0 and fresh["period"] != mine["period"]

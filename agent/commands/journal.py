@@ -62,6 +62,7 @@ class Journal:
         )
 
     def finish(self, cid: str, result: dict[str, Any]) -> None:
+        """Complete the row (commits on the calling thread: the store's writer thread)."""
         with self._store.transaction() as db:
             db.execute("UPDATE command_journal SET status = ?, result = ? WHERE id = ?",
                        (result["status"], json.dumps(result, ensure_ascii=False), cid))

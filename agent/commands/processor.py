@@ -19,6 +19,11 @@ Only then is the id journaled and its handler run; nothing refused has any effec
 a callable (sync or async) taking the validated args and returning the detail (a string, a
 JSON object, or None for "done"); its exception becomes status "failed" with a one-line detail.
 ``rotate-key`` is built in (agent.commands.journal.KeyRing).
+
+The journal is written on the store's writer thread (``await store.run``), never on the loop;
+the result is journaled after every write the handler queued (a lifecycle record, a note), and
+an "ok" whose writes failed is answered "failed": done in memory, but it would not survive a
+restart.
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ class CommandProcessor:
         self._skew = skew
         self._keep = journal_keep
         self._max_bytes = max_bytes
-        self._inflight: dict[str, asyncio.Future[Result]] = {}
+        self._inflight: dict[str, tuple[str, asyncio.Future[Result]]] = {}  # id: digest, answer
         self.executed = 0  # handlers run (tests and benches read it)
 
     @property
@@ -151,14 +156,16 @@ class CommandProcessor:
         raise Refused("bad signature", "does not verify with the operator key", env.id)
 
     def _seen(self, env: Envelope) -> None:
-        entry = self.journal.lookup(env.id)
-        if entry is None:
+        inflight = self._inflight.get(env.id)  # journaled, or being journaled: not yet readable
+        entry = self.journal.lookup(env.id) if inflight is None else None
+        digest = inflight[0] if inflight is not None else entry.digest if entry else None
+        if digest is None:
             return
-        if entry.digest != env.digest:
+        if digest != env.digest:
             raise Refused("replayed", f"id {env.id} was already used by another command", env.id)
-        inflight = self._inflight.get(env.id)
         if inflight is not None:
-            raise _Answer(inflight)
+            raise _Answer(inflight[1])
+        assert entry is not None
         stored = entry.result or result(
             env.id, "failed", "interrupted: the agent stopped while running it; not run again")
         raise _Answer(_done(stored))
@@ -181,18 +188,25 @@ class CommandProcessor:
     # -- execution: journal first, then the handler --------------------------------------------
 
     async def _execute(self, env: Envelope, args: dict[str, Any], note: str) -> Result:
-        now = self._clock.now()
-        keep_until = env.expires_at + self._skew + self._keep
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._inflight[env.id] = (env.digest, future)
+        answer = result(env.id, "failed", "interrupted: the agent stopped while running it")
         try:
-            with self._store.transaction() as db:
-                self.journal.begin(db, env, keep_until, now.lower_bound)
-                detail: Detail = None
-                if env.name == "rotate-key":
-                    detail = self._rotate(db, env.id, args["public_key"], now.lower_bound)
+            answer = await self._journaled(env, args, note)
+        finally:
+            del self._inflight[env.id]
+            future.set_result(answer)
+        return answer
+
+    async def _journaled(self, env: Envelope, args: dict[str, Any], note: str) -> Result:
+        """Journal, run, journal the result: every store write on the store's writer thread."""
+        now = self._clock.now().lower_bound
+        keep_until = env.expires_at + self._skew + self._keep
+        try:
+            detail = await self._store.run(self._begin, env, args, keep_until, now)
         except StoreError as exc:
             return result(env.id, "failed", one_line(f"not run: journal unavailable ({exc})"))
-        self._inflight[env.id] = future
+        mark = self._store.write_mark()
         try:
             if env.name == "rotate-key":
                 self.keys.reload()
@@ -202,14 +216,28 @@ class CommandProcessor:
             answer = result(env.id, "ok", _with_note(detail, note))
         except Exception as exc:
             answer = result(env.id, "failed", one_line(f"{type(exc).__name__}: {exc}"))
+        outcome = [answer]
+
+        def finish() -> None:  # after every write the handler queued
+            if answer["status"] == "ok" and (lost := self._store.failures_since(mark)):
+                outcome[0] = result(env.id, "failed", one_line(
+                    "done, but not saved (it would not survive a restart): " + "; ".join(lost)))
+            self.journal.finish(env.id, outcome[0])
+
         try:
-            self.journal.finish(env.id, answer)
+            await self._store.run(finish)
         except StoreError as exc:
             log.error("command %s: result not journaled: %s", env.id, exc)
-        finally:
-            del self._inflight[env.id]
-            future.set_result(answer)
-        return answer
+        return outcome[0]
+
+    def _begin(self, env: Envelope, args: dict[str, Any], keep_until: float,
+               now: float) -> Detail:
+        """On the store's writer thread: the journal row, and a new key, in one transaction."""
+        with self._store.transaction() as db:
+            self.journal.begin(db, env, keep_until, now)
+            if env.name == "rotate-key":
+                return self._rotate(db, env.id, args["public_key"], now)
+        return None
 
     @staticmethod
     async def _run(handler: Handler, args: dict[str, Any]) -> Detail:

@@ -4,10 +4,22 @@
   power cut can take back transactions that were already acknowledged to their producers. With
   ``FULL`` each commit syncs the WAL once; callers group their writes (the ingest server commits
   many readings per transaction), so an SD card sees one sync per batch, not one per reading.
-- Schema versioned by ``PRAGMA user_version``: ``MIGRATIONS[i]`` takes the schema from version
-  ``i`` to ``i + 1``, each in its own transaction. Append, never edit, a migration.
-- One connection per process, shared by the event loop and the store's single worker thread
-  (``Store.run``), serialised by a lock; transactions nest (an inner one joins the outer).
+- Schema versioned by ``PRAGMA user_version`` (:mod:`agent.core.schema`), each migration in its
+  own transaction.
+- The event loop never commits. Every write runs on the store's one writer thread, in the order
+  it was handed over: ``await store.run(fn)`` when the caller needs the result (or the error),
+  ``store.submit(fn)`` to queue it and go on (sync code on the loop); ``store.write(fn)`` picks:
+  at once where blocking is fine (the writer thread, inside a transaction, a thread without an
+  event loop), else queued. A queued write that fails is logged, never lost silently; a full
+  disk is logged once per episode (until a queued write succeeds again).
+- Reads on any other thread use a second, read-only connection: a WAL reader never waits for
+  the writer, so a read on the loop does not wait behind a commit's fsync. It sees what is
+  committed; ``meta`` values queued with :meth:`Store.put_meta` are read back at once by
+  :meth:`Store.get_meta` / :meth:`Store.meta_items` (read-your-writes), until they commit or fail.
+- :meth:`Store.transaction` from any other thread (start-up, tools, tests) first waits for the
+  queued writes, so the order holds; transactions nest (an inner one joins the outer), and an
+  exception that leaves an inner one fails the outer one even when someone caught it: half of
+  a write is never committed.
 - A full disk (``SQLITE_FULL``, ``ENOSPC``) raises :class:`StoreFull`; any other database
   failure raises :class:`StoreError` with a readable reason.
 """
@@ -17,115 +29,23 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import itertools
+import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.core.schema import MIGRATIONS
+
+__all__ = ["MIGRATIONS", "Store", "StoreError", "StoreFull"]
+
 T = TypeVar("T")
-
-_V1 = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    stream TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    ts REAL NOT NULL,
-    priority INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    created REAL NOT NULL,
-    data TEXT NOT NULL
-);
-CREATE INDEX outbox_by_stream ON outbox (stream, seq);
-CREATE INDEX outbox_by_priority ON outbox (priority, seq);
-CREATE INDEX outbox_by_created ON outbox (created);
-CREATE TABLE outbox_drops (
-    reason TEXT PRIMARY KEY,
-    count INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    reported_count INTEGER NOT NULL DEFAULT 0,
-    reported_bytes INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-CREATE TABLE usage_counter (
-    source TEXT PRIMARY KEY,
-    epoch TEXT NOT NULL,
-    tx_bytes INTEGER NOT NULL,
-    rx_bytes INTEGER NOT NULL,
-    tx_packets INTEGER NOT NULL,
-    rx_packets INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE usage_period (
-    iccid TEXT NOT NULL,
-    period TEXT NOT NULL,
-    source TEXT NOT NULL,
-    tx_bytes INTEGER NOT NULL,
-    rx_bytes INTEGER NOT NULL,
-    tx_packets INTEGER NOT NULL,
-    rx_packets INTEGER NOT NULL,
-    PRIMARY KEY (iccid, period, source)
-) WITHOUT ROWID;
-CREATE TABLE usage_alert (
-    iccid TEXT NOT NULL,
-    period TEXT NOT NULL,
-    share REAL NOT NULL,
-    PRIMARY KEY (iccid, period, share)
-) WITHOUT ROWID;
-CREATE TABLE usage_plan (iccid TEXT PRIMARY KEY, plan_bytes INTEGER NOT NULL) WITHOUT ROWID;
-"""
-
-# The running daemon's own row (agent.core.runtime), read by `simkeeper status`: written when
-# something shown changes, the heartbeat at most once a minute.
-_V2 = """
-CREATE TABLE runtime (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    pid INTEGER NOT NULL,
-    started_at REAL NOT NULL,
-    heartbeat REAL NOT NULL,
-    stopped_at REAL,
-    modems TEXT NOT NULL,
-    uplink TEXT NOT NULL,
-    usage TEXT NOT NULL
-);
-"""
-
-# Signed commands (agent.commands.journal): each id executed at most once, its result kept for
-# repeats until ``keep_until`` (past the envelope's expiry); operator keys installed by
-# ``rotate-key``, the newest row being the key in force.
-_V3 = """
-CREATE TABLE command_journal (
-    id TEXT PRIMARY KEY,
-    digest TEXT NOT NULL,
-    name TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    keep_until REAL NOT NULL,
-    status TEXT NOT NULL,
-    result TEXT
-) WITHOUT ROWID;
-CREATE INDEX command_journal_by_keep ON command_journal (keep_until);
-CREATE TABLE operator_key (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    key_id TEXT NOT NULL,
-    pem TEXT NOT NULL,
-    installed_at REAL NOT NULL,
-    command_id TEXT NOT NULL
-);
-"""
-
-# The SIM keeper's summaries in the runtime row, for `simkeeper status`.
-_V4 = """
-ALTER TABLE runtime ADD COLUMN sims TEXT NOT NULL DEFAULT '[]';
-"""
-
-# The supervised tasks in the runtime row (agent.core.tasks.Supervisor.status): restarts and
-# last error of each long-running part, for `simkeeper status`.
-_V5 = """
-ALTER TABLE runtime ADD COLUMN tasks TEXT NOT NULL DEFAULT '{}';
-"""
-
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5)
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -145,18 +65,44 @@ def _translate(exc: BaseException, doing: str) -> StoreError:
     return StoreError(f"store failed while {doing}: {exc}")
 
 
+def _doomed(exc: BaseException) -> StoreError:
+    """The error of a transaction rolled back because a write inside it failed."""
+    if isinstance(exc, StoreError):
+        return type(exc)(f"{exc} (the whole transaction was rolled back)")
+    if isinstance(exc, sqlite3.Error | OSError):
+        return _translate(exc, "writing")
+    return StoreError(f"rolled back: a write inside the transaction failed: {exc!r}")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+
 class Store:
     """The open database. Build one per process and pass it around."""
 
     def __init__(self, path: str | Path, *, migrations: Sequence[str] = MIGRATIONS) -> None:
         self.path = Path(path)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the writer connection
+        self._owner: int | None = None  # the thread inside the open transaction
         self._depth = 0
         self._hooks: list[Callable[[], None]] = []
+        self._failed_inside: BaseException | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        self._writer: int | None = None  # the writer thread's ident, once it started
+        self._closed = False
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self._overlay: dict[str, tuple[int, str | None]] = {}  # queued meta writes
+        self._overlay_lock = threading.Lock()
+        self._tokens = itertools.count(1)
+        self._submitted = 0
+        self._failures: deque[tuple[int, str]] = deque(maxlen=256)
+        self._refused = 0  # queued writes refused by a full disk, this episode
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db = _connect(self.path)
         except (sqlite3.Error, OSError) as exc:
             raise _translate(exc, f"opening {self.path}") from exc
         try:
@@ -168,6 +114,9 @@ class Store:
                 " PRAGMA journal_size_limit=4194304;"
             )
             self._migrate(migrations)
+            reader = _connect(self.path)
+            reader.executescript("PRAGMA query_only=1; PRAGMA busy_timeout=5000;")
+            self._reader = reader
         except sqlite3.Error as exc:
             self._db.close()
             raise _translate(exc, f"opening {self.path}") from exc
@@ -193,25 +142,43 @@ class Store:
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version={version + 1}")
 
+    # -- transactions ------------------------------------------------------------------------
+
+    def in_writer(self) -> bool:
+        """Whether this thread writes synchronously: the writer thread, or a thread inside a
+        transaction."""
+        me = threading.get_ident()
+        return me in (self._writer, self._owner)
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; an exception rolls back and is re-raised
         (database errors as :class:`StoreError`). Hooks from :meth:`after_commit` run once the
-        outermost transaction has committed."""
+        outermost transaction has committed. Off the writer thread, the writes queued before
+        commit first."""
+        me = threading.get_ident()
+        if self._owner == me:
+            self._depth += 1
+            try:
+                yield self._db
+            except BaseException as exc:
+                if self._failed_inside is None:
+                    self._failed_inside = exc
+                raise
+            finally:
+                self._depth -= 1
+            return
+        if me != self._writer:
+            self._wait_queued()
         with self._lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield self._db
-                finally:
-                    self._depth -= 1
-                return
-            self._depth = 1
+            self._owner, self._depth, self._failed_inside = me, 1, None
             hooks: list[Callable[[], None]] = []
             self._hooks = hooks
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
+                if self._failed_inside is not None:
+                    raise _doomed(self._failed_inside)
                 if not self._db.in_transaction:
                     raise StoreError("transaction was rolled back by the database")
                 self._db.execute("COMMIT")
@@ -223,38 +190,208 @@ class Store:
                     raise _translate(exc, "writing") from exc
                 raise
             finally:
-                self._depth = 0
-                self._hooks = []
+                self._owner, self._depth, self._hooks, self._failed_inside = None, 0, [], None
             for hook in hooks:
                 hook()
 
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` after the current transaction commits (never if it rolls back)."""
-        if not self._depth:
+        if self._owner != threading.get_ident():
             raise RuntimeError("after_commit outside a transaction")
         self._hooks.append(hook)
 
+    # -- reading -----------------------------------------------------------------------------
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """One read statement; rows as tuples."""
-        with self._lock:
-            try:
-                return self._db.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise _translate(exc, "reading") from exc
+        """One read statement; rows as tuples. On the writer thread and inside a transaction it
+        sees that transaction; elsewhere what is committed, without waiting for the writer."""
+        try:
+            if self._reader is None or self.in_writer():
+                with self._lock:
+                    return self._db.execute(sql, params).fetchall()
+            with self._read_lock:
+                return self._reader.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise _translate(exc, "reading") from exc
+
+    def get_meta(self, key: str) -> str | None:
+        """A ``meta`` value, counting the ones queued by :meth:`put_meta` and not committed."""
+        if not self.in_writer():
+            with self._overlay_lock:
+                queued = self._overlay.get(key)
+            if queued is not None:
+                return queued[1]
+        rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def meta_items(self, prefix: str) -> dict[str, str]:
+        """The ``meta`` values whose key starts with ``prefix``, by key, counting queued ones."""
+        queued: dict[str, str | None] = {}
+        if not self.in_writer():  # taken before the read: a write committing meanwhile is kept
+            with self._overlay_lock:
+                queued = {k: v for k, (_, v) in self._overlay.items() if k.startswith(prefix)}
+        rows = self.query(
+            "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+        )
+        items: dict[str, str] = dict(rows)
+        for key, value in queued.items():
+            if value is None:
+                items.pop(key, None)
+            else:
+                items[key] = value
+        return dict(sorted(items.items()))
+
+    # -- writing off the loop ----------------------------------------------------------------
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking store work (a commit and its fsync) on the store's worker thread."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        """Run blocking store work (a commit and its fsync) on the writer thread, after every
+        write handed over before it; its result or exception comes back."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        return await asyncio.wrap_future(self._queue(functools.partial(fn, *args)), loop=loop)
+
+    def submit(self, fn: Callable[..., T], *args: Any, what: str = "") -> Future[T]:
+        """Queue ``fn(*args)`` on the writer thread (after every write handed over before it)
+        and return at once. A failure is logged, naming ``what``; the future has it too."""
+        what = what or getattr(fn, "__qualname__", repr(fn))
+        with self._executor_lock:
+            seq = self._submitted = self._submitted + 1
+
+        def job() -> T:
+            try:
+                value = fn(*args)
+            except BaseException as exc:
+                self._failed(seq, what, exc)
+                raise
+            if self._refused:
+                log.warning("store writable again (%d queued writes were refused while full)",
+                            self._refused)
+                self._refused = 0
+            return value
+
+        try:
+            return self._queue(job)
+        except StoreError as exc:
+            log.error("store: %s not saved: %s", what, exc)
+            failed: Future[T] = Future()
+            failed.set_exception(exc)
+            return failed
+
+    def write(self, fn: Callable[[], object], *, what: str = "") -> None:
+        """Run the write ``fn`` at once where blocking is fine (the writer thread, inside a
+        transaction, a thread without a running event loop: its error is raised), else queue it
+        (:meth:`submit`: its error is logged)."""
+        if self._must_queue():
+            self.submit(fn, what=what)
+        else:
+            fn()
+
+    def put_meta(self, values: Mapping[str, str | None], *, also: Callable[[], object] | None
+                 = None, what: str = "") -> None:
+        """Set ``meta`` values (None deletes) and run ``also()`` in the same transaction, via
+        :meth:`write`. Queued values are read back at once by :meth:`get_meta`; if the write
+        fails they are forgotten (the committed values show again)."""
+        values = dict(values)
+
+        def put() -> None:
+            with self.transaction() as db:
+                for key, value in values.items():
+                    if value is None:
+                        db.execute("DELETE FROM meta WHERE key = ?", (key,))
+                    else:
+                        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                   (key, value))
+                if also is not None:
+                    also()
+
+        if not self._must_queue():
+            put()
+            return
+        token = next(self._tokens)
+        with self._overlay_lock:
+            self._overlay.update((key, (token, value)) for key, value in values.items())
+
+        def job() -> None:
+            try:
+                put()
+            finally:
+                with self._overlay_lock:
+                    for key in values:
+                        if self._overlay.get(key, (0, None))[0] == token:
+                            del self._overlay[key]
+
+        self.submit(job, what=what or f"meta {', '.join(values)}")
+
+    def write_mark(self) -> int:
+        """A mark for :meth:`failures_since`: the count of writes queued so far."""
+        return self._submitted
+
+    def failures_since(self, mark: int) -> list[str]:
+        """What failed among the queued writes handed over since ``mark`` and already run."""
+        return [what for seq, what in list(self._failures) if seq > mark]
+
+    def flush(self) -> None:
+        """Block until every write queued so far has run (tools and tests; never on the writer
+        thread nor inside a transaction)."""
+        if self.in_writer():
+            raise RuntimeError("flush on the store's writer thread or inside a transaction")
+        self._wait_queued()
+
+    def _must_queue(self) -> bool:
+        if self.in_writer():
+            return False
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    def _queue(self, job: Callable[[], T]) -> Future[T]:
+        with self._executor_lock:
+            if self._closed:
+                raise StoreError(f"{self.path}: store is closed")
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="store", initializer=self._started
+                )
+            return self._executor.submit(job)
+
+    def _started(self) -> None:
+        self._writer = threading.get_ident()
+
+    def _wait_queued(self) -> None:
+        with self._executor_lock:
+            executor = self._executor
+            if executor is None or self._closed:
+                return
+            barrier = executor.submit(lambda: None)
+        barrier.result()
+
+    def _failed(self, seq: int, what: str, exc: BaseException) -> None:
+        self._failures.append((seq, f"{what} ({exc})"))
+        if isinstance(exc, StoreFull):
+            self._refused += 1
+            if self._refused == 1:
+                log.error("store full: %s not saved (%s); while it lasts, refused writes are"
+                          " counted, not logged", what, exc)
+        elif isinstance(exc, StoreError):
+            log.error("store: %s not saved: %s", what, exc)
+        else:
+            log.error("store: %s failed", what, exc_info=exc)
+
+    # -- the rest ----------------------------------------------------------------------------
 
     def integrity_check(self) -> str:
         return str(self.query("PRAGMA integrity_check")[0][0])
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        """Run the queued writes, then close."""
+        with self._executor_lock:
+            self._closed = True
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
         with self._lock:
             self._db.close()

@@ -174,11 +174,11 @@ class TrustedClock:
 
 def load_anchor(store: Store) -> Anchor | None:
     """The floor persisted in the store's ``meta`` table, None when none (or unreadable)."""
-    rows = store.query("SELECT value FROM meta WHERE key = ?", (_META_KEY,))
-    if not rows:
+    value = store.get_meta(_META_KEY)
+    if value is None:
         return None
     try:
-        ts, mono, boot = json.loads(rows[0][0])
+        ts, mono, boot = json.loads(value)
         anchor = Anchor(float(ts), float(mono), str(boot))
     except (ValueError, TypeError):
         return None
@@ -186,9 +186,7 @@ def load_anchor(store: Store) -> Anchor | None:
 
 
 def save_anchor(store: Store, anchor: Anchor) -> None:
-    """Persist the floor (a :class:`TrustedClock` ``persist`` hook)."""
-    with store.transaction() as db:
-        db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-            (_META_KEY, json.dumps([anchor.ts, anchor.mono, anchor.boot])),
-        )
+    """Persist the floor (a :class:`TrustedClock` ``persist`` hook; from the event loop it is
+    queued on the store's writer thread, :meth:`Store.put_meta`)."""
+    store.put_meta({_META_KEY: json.dumps([anchor.ts, anchor.mono, anchor.boot])},
+                   what="trusted time anchor")

@@ -1,8 +1,9 @@
 """Activation-deadline alarms: one ``deadline-alarm`` event per threshold (7 days, 1 day, 1 hour
 before the deadline by default), and one when the deadline passed with the SIM never activated.
 
-Each alarm is sent once per deadline: what was sent is persisted with the SIM's notes
-(:mod:`agent.sim.notes`) before the event goes out, and a new deadline starts afresh. An alarm
+Each alarm is sent once per deadline: what was sent is noted with the SIM's notes
+(:mod:`agent.sim.notes`) in the same transaction as the event (both commit or neither: a failed
+write leaves the alarm due, and the next check sends it), and a new deadline starts afresh. An alarm
 fires only when the deadline is *certainly* that close: the time left is measured from the
 trusted lower bound of time (:class:`agent.core.trusted_time.TrustedNow`), so a gateway
 booted in 1970 does not cry wolf; it still activates at once
@@ -61,7 +62,6 @@ class DeadlineAlarms:
             return None
         alarm = due[-1]
         notes.alarms.extend(due)
-        self._notes.save_notes(record.iccid, notes)
         fields: dict[str, Any] = {
             "iccid": record.iccid, "deadline": deadline, "threshold": alarm,
             "time_left": None if now.ts is None else deadline - now.ts,
@@ -74,10 +74,7 @@ class DeadlineAlarms:
         if now.ts is not None:
             fields["ts"] = now.ts
         log.warning("SIM %s: %s", record.iccid, fields["message"])
-        try:
-            self._emit(KIND, **fields)
-        except Exception:
-            log.exception("SIM %s: deadline alarm recorded but not emitted", record.iccid)
+        self._notes.save_notes(record.iccid, notes, also=lambda: self._emit(KIND, **fields))
         return alarm
 
 

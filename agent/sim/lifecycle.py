@@ -4,8 +4,9 @@ ICCID.
 Every change goes through :data:`TRANSITIONS`; a pair not in it raises
 :class:`InvalidTransition` and changes nothing. A transition is persisted (``persist`` hook,
 e.g. :meth:`LifecycleRepository.save`) before it is emitted (``emit`` hook, e.g. the
-:class:`agent.telemetry.events.Events` adapter :func:`events_emitter`); if persisting fails, nothing
-changed and nothing is emitted.
+:class:`agent.telemetry.events.Events` adapter :func:`events_emitter`); if persisting raises,
+nothing changed and nothing is emitted. On the event loop both are queued on the store's writer
+thread, the record first, so the record commits before its event (:mod:`agent.core.store`).
 
 ``awaiting-activation`` means "not in service, the agent should bring it up": a new SIM, one
 whose activation attempt failed, and one just resumed (a resume re-runs the connection steps).
@@ -296,20 +297,21 @@ class LifecycleRepository:
         self._store = store
 
     def save(self, record: SimRecord) -> None:
-        with self._store.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                       (self._PREFIX + record.iccid, record.to_json()))
+        """Persist ``record`` (:meth:`Store.put_meta`: from the event loop it is queued on the
+        store's writer thread, ahead of the transition's event, and read back at once; a failed
+        write is logged and the next transition saves the whole record again)."""
+        self._store.put_meta({self._PREFIX + record.iccid: record.to_json()},
+                             what=f"lifecycle record of SIM {record.iccid} ({record.state})")
 
     def load(self, iccid: str) -> SimRecord | None:
         """The record, None when the SIM was never seen; an unreadable one raises
         :class:`LifecycleError` (a suspension must never be silently forgotten)."""
-        rows = self._store.query("SELECT value FROM meta WHERE key = ?", (self._PREFIX + iccid,))
-        return SimRecord.from_json(rows[0][0]) if rows else None
+        value = self._store.get_meta(self._PREFIX + iccid)
+        return SimRecord.from_json(value) if value is not None else None
 
     def all(self) -> list[SimRecord]:
-        rows = self._store.query("SELECT value FROM meta WHERE key LIKE ? ORDER BY key",
-                                 (self._PREFIX + "%",))
-        return [SimRecord.from_json(value) for (value,) in rows]
+        return [SimRecord.from_json(value)
+                for value in self._store.meta_items(self._PREFIX).values()]
 
     def open(self, iccid: str, *, emit: Emit, clock: Clock) -> Lifecycle:
         """The lifecycle of ``iccid`` as persisted, or a new ``awaiting-activation`` one (not

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,29 +43,30 @@ class SimNotes:
 
 
 class KeeperStore:
+    """Reads and writes never wait on the event loop (:meth:`Store.put_meta`): a note written
+    from the loop is queued on the store's writer thread, read back at once, and forgotten again
+    (the committed one shows) if its write fails."""
+
     _PREFIX = "keeper."
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
     def get(self, name: str) -> Any:
-        rows = self._store.query("SELECT value FROM meta WHERE key = ?", (self._PREFIX + name,))
-        if not rows:
+        raw = self._store.get_meta(self._PREFIX + name)
+        if raw is None:
             return None
         try:
-            return json.loads(rows[0][0])
+            return json.loads(raw)
         except ValueError:
             log.warning("keeper note %s is unreadable; ignored", name)
             return None
 
-    def put(self, name: str, value: Any) -> None:
-        key = self._PREFIX + name
-        with self._store.transaction() as db:
-            if value is None:
-                db.execute("DELETE FROM meta WHERE key = ?", (key,))
-            else:
-                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                           (key, json.dumps(value, sort_keys=True, separators=(",", ":"))))
+    def put(self, name: str, value: Any, *, also: Callable[[], object] | None = None) -> None:
+        """Write (None: delete) a note; ``also()`` runs in the same transaction (e.g. the event
+        that the note records as sent: both commit, or neither)."""
+        text = None if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
+        self._store.put_meta({self._PREFIX + name: text}, also=also, what=f"keeper note {name}")
 
     def notes(self, iccid: str) -> SimNotes:
         raw = self.get(f"sim.{iccid}")
@@ -76,5 +78,6 @@ class KeeperStore:
             log.warning("keeper notes of SIM %s are unreadable; starting afresh", iccid)
             return SimNotes()
 
-    def save_notes(self, iccid: str, notes: SimNotes) -> None:
-        self.put(f"sim.{iccid}", asdict(notes))
+    def save_notes(self, iccid: str, notes: SimNotes, *,
+                   also: Callable[[], object] | None = None) -> None:
+        self.put(f"sim.{iccid}", asdict(notes), also=also)

@@ -32,8 +32,8 @@ StrPath = str | PathLike[str]
 class OutboxLike(Protocol):
     """The part of agent.telemetry.outbox.Outbox that an uplink uses."""
 
-    def next_batch(self, stream: str, max_count: int, max_bytes: int) -> Sequence[Reading]: ...
-    def ack(self, ids: Sequence[str]) -> None: ...
+    async def fetch(self, stream: str, max_count: int, max_bytes: int) -> Sequence[Reading]: ...
+    def ack_soon(self, ids: Sequence[str]) -> None: ...
     def add_listener(self, callback: Callable[[], None]) -> Callable[[], None]: ...
 
 
@@ -188,7 +188,7 @@ class Drainer:
                 self._failed = False
                 await asyncio.sleep(self._backoff.next_delay())
             await self._transport.wait_ready()
-            picked = self._pick() if len(self._inflight) < self._window else None
+            picked = await self._pick() if len(self._inflight) < self._window else None
             if picked is None:
                 await self._wake.wait()
                 continue
@@ -201,25 +201,26 @@ class Drainer:
     def _open(self, stream: str) -> bool:
         return self._telemetry_allowed or stream != TELEMETRY
 
-    def _fetch(self, stream: str) -> list[Reading]:
+    async def _fetch(self, stream: str) -> list[Reading]:
         """The stream's oldest readings not already in flight, after the allow() hook."""
         # In-flight readings are still the oldest in the outbox: ask for that much more.
         spare = 1 + sum(1 for s, _ in self._inflight.values() if s == stream)
-        rows = self._outbox.next_batch(stream, self._max_count * spare, self._max_bytes * spare)
-        fresh = [r for r in rows if r.id not in self._inflight_ids]
+        flying = set(self._inflight_ids)  # one acked during the fetch may still be in its rows
+        rows = await self._outbox.fetch(stream, self._max_count * spare, self._max_bytes * spare)
+        fresh = [r for r in rows if r.id not in flying and r.id not in self._inflight_ids]
         if self._allow is not None:
             verdicts = [(r, self._allow(r)) for r in fresh]
             if dropped := [r.id for r, ok in verdicts if not ok]:
-                self._outbox.ack(dropped)
+                self._outbox.ack_soon(dropped)
                 self.stats.filtered += len(dropped)
                 fresh = [r for r, ok in verdicts if ok]
         return fresh[: self._max_count]
 
-    def _pick(self) -> tuple[str, EncodedBatch] | None:
+    async def _pick(self) -> tuple[str, EncodedBatch] | None:
         now = self._clock()
         next_due: float | None = None
         for stream in STREAMS:
-            readings = self._fetch(stream) if self._open(stream) else []
+            readings = await self._fetch(stream) if self._open(stream) else []
             if not readings:
                 self._pending_since.pop(stream, None)
                 continue
@@ -260,7 +261,7 @@ class Drainer:
             self.stats.rejected += 1
             self._failed = True
             return
-        self._outbox.ack(batch.ids)
+        self._outbox.ack_soon(batch.ids)
         self._backoff.reset()
         stats = self.stats
         stats.batches += 1

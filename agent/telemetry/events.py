@@ -3,19 +3,22 @@ in-process listeners (the live view, the lifecycle's own watchers).
 
 An event is the JSON object ``{"kind": ..., "ts": ..., **fields}`` (see
 :func:`agent.telemetry.outbox.event_item`); its topic in the outbox is its kind.
+
+:meth:`Events.emit` never commits on the event loop: there it queues the event on the store's
+writer thread, after every write handed over before it (a lifecycle record saved before its
+transition's event commits before it). On the writer thread, or inside a transaction, the event
+joins the transaction in progress, so it commits (or rolls back) with what it reports.
+Listeners hear an event once it has committed, on the loop they were registered from.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.telemetry.outbox import Outbox, event_item
-
-log = logging.getLogger(__name__)
+from agent.telemetry.outbox import Item, Outbox, event_item, on_loop
 
 Listener = Callable[[str, dict[str, Any]], None]
 
@@ -27,24 +30,32 @@ class Events:
         self._listeners: dict[int, Listener] = {}
         self._keys = itertools.count()
 
-    def emit(self, kind: str, /, **fields: Any) -> str:
-        """Commit one event (``fields`` must be JSON values) and return its reading id.
-        Raises :class:`~agent.telemetry.outbox.OutboxError` or
-        :class:`~agent.core.store.StoreFull`."""
+    def emit(self, kind: str, /, **fields: Any) -> None:
+        """Commit one event (``fields`` must be JSON values), stamped now. Invalid fields raise
+        :class:`~agent.telemetry.outbox.OutboxError` at once. Queued from the loop (a failed
+        commit is logged by the store); elsewhere committed before it returns (raises
+        :class:`~agent.core.store.StoreError`, e.g. ``StoreFull``)."""
         ts = self._clock()
-        (reading_id,) = self._outbox.add([event_item(kind, ts, fields)])
+        item = event_item(kind, ts, fields)
+        self._outbox.check([item])
         payload = {"kind": kind, "ts": ts, **fields}
+        self._outbox.store.write(lambda: self._commit(item, payload), what=f"event {kind}")
+
+    def _commit(self, item: Item, payload: dict[str, Any]) -> None:
+        store = self._outbox.store
+        with store.transaction():
+            self._outbox.add([item])
+            store.after_commit(lambda: self._tell(payload))
+
+    def _tell(self, payload: dict[str, Any]) -> None:
         for listener in list(self._listeners.values()):
-            try:
-                listener(kind, payload)
-            except Exception:
-                log.exception("event listener %r failed", listener)
-        return reading_id
+            listener(str(payload["kind"]), payload)
 
     def add_listener(self, callback: Listener) -> Callable[[], None]:
-        """Call ``callback(kind, payload)`` after each emitted event; returns its remover."""
+        """Call ``callback(kind, payload)`` after each emitted event commits (on the loop it
+        was registered from; its exceptions are logged); returns its remover."""
         key = next(self._keys)
-        self._listeners[key] = callback
+        self._listeners[key] = on_loop(callback)
 
         def remove() -> None:
             self._listeners.pop(key, None)

@@ -14,6 +14,12 @@ to ``on_drop`` and reported as an ``outbox-drop`` event (at most one a minute, c
 counts since the last one). A full disk refuses new readings and never touches committed ones.
 
 A reading's ``size`` is the UTF-8 bytes of its data and topic.
+
+Threads: the event loop never commits. :meth:`Outbox.add` and :meth:`Outbox.ack` commit on the
+calling thread (the store's writer thread, or a blocking tool); the loop uses
+:meth:`Outbox.add_async`, :meth:`Outbox.fetch` and :meth:`Outbox.ack_soon` (and
+:meth:`agent.telemetry.events.Events.emit`), which run on the store's writer thread in the order
+they were called.
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ def event_item(kind: str, ts: float, fields: dict[str, Any]) -> Item:
     return (EVENTS, kind, compact_json({"kind": kind, "ts": ts, **fields}), ts, PRIORITY_MAX)
 
 
-def _in_loop_thread(callback: Callable[..., None]) -> Callable[..., None]:
+def on_loop(callback: Callable[..., None]) -> Callable[..., None]:
     """``callback`` as called from any thread: on the event loop that was running where it was
     registered (commits run on the store's worker thread), directly when there was none. Its
     exceptions are logged: a commit has already happened and must not look failed."""
@@ -83,7 +89,7 @@ def _in_loop_thread(callback: Callable[..., None]) -> Callable[..., None]:
         try:
             callback(*args)
         except Exception:
-            log.exception("outbox listener %r failed", callback)
+            log.exception("listener %r failed", callback)
 
     try:
         loop = asyncio.get_running_loop()
@@ -113,7 +119,7 @@ class Outbox:
         self._store = store
         self._max_bytes = max_bytes
         self._max_age = max_age
-        self._on_drop = _in_loop_thread(on_drop) if on_drop else None
+        self._on_drop = on_loop(on_drop) if on_drop else None
         self._clock = clock
         self._listeners: dict[int, Callable[[], None]] = {}
         self._keys = itertools.count()
@@ -155,8 +161,19 @@ class Outbox:
         return [f"{self._prefix}-{seq}" for seq in range(first, last + 1)]
 
     async def add_async(self, items: Sequence[Item]) -> list[str]:
-        """:meth:`add` on the store's worker thread, so the event loop never waits on fsync."""
+        """:meth:`add` on the store's writer thread, so the event loop never waits on fsync."""
         return await self._store.run(self.add, items)
+
+
+    def check(self, items: Sequence[Item]) -> None:
+        """Raise :class:`OutboxError` for the first item :meth:`add` would refuse."""
+        now = self._clock()
+        for item in items:
+            self._row(item, now)
+
+    @property
+    def store(self) -> Store:
+        return self._store
 
     def _row(self, item: Item, now: float) -> _Row:
         stream, topic, data, ts, priority = item
@@ -186,7 +203,7 @@ class Outbox:
     def _expire(self, db: sqlite3.Connection, now: float) -> list[tuple[str, int]]:
         if now < AGE_FLOOR or now - self._last_expire < _EXPIRE_INTERVAL:
             return []
-        self._last_expire = now
+        self._store.after_commit(lambda: self._stamp(expired=now))
         gone = db.execute(
             "DELETE FROM outbox WHERE created >= ? AND created < ? RETURNING stream, size",
             (AGE_FLOOR, now - self._max_age),
@@ -245,7 +262,7 @@ class Outbox:
         ).fetchall()
         if not unreported:
             return []
-        self._last_drop_event = now
+        self._store.after_commit(lambda: self._stamp(reported=now))
         rows = [
             self._row(
                 event_item("outbox-drop", now, {"reason": r, "count": c, "bytes": b, "total": t}),
@@ -256,6 +273,13 @@ class Outbox:
         self._insert(db, rows)
         db.execute("UPDATE outbox_drops SET reported_count = count, reported_bytes = bytes")
         return rows
+
+    def _stamp(self, *, expired: float | None = None, reported: float | None = None) -> None:
+        """After a commit only: a rolled-back expiry or drop report is done again next time."""
+        if expired is not None:
+            self._last_expire = expired
+        if reported is not None:
+            self._last_drop_event = reported
 
     def _commit(self, change: _Tally) -> None:
         for stream, (count, size) in change.streams.items():
@@ -286,8 +310,20 @@ class Outbox:
             )
         return batch
 
+    async def fetch(self, stream: str, max_count: int, max_bytes: int) -> list[Reading]:
+        """:meth:`next_batch` on the store's writer thread: off the loop, and after every write
+        handed over before it (an :meth:`ack_soon` included)."""
+        return await self._store.run(self.next_batch, stream, max_count, max_bytes)
+
+    def ack_soon(self, ids: Sequence[str]) -> None:
+        """:meth:`ack` without waiting (``Store.write``: queued when called on the event loop);
+        a later :meth:`fetch` never returns these readings."""
+        ids = list(ids)
+        self._store.write(lambda: self.ack(ids), what=f"acknowledgement of {len(ids)} readings")
+
     def ack(self, ids: Sequence[str]) -> None:
-        """Remove delivered readings; unknown or already removed ids are ignored."""
+        """Remove delivered readings (committed on the calling thread); unknown or already
+        removed ids are ignored."""
         prefix = f"{self._prefix}-"
         tails = (i[len(prefix) :] for i in ids if i.startswith(prefix))
         seqs = [int(tail) for tail in tails if tail.isdigit()]
@@ -324,7 +360,7 @@ class Outbox:
         """Call ``callback`` (on the loop it was registered from) after new readings commit.
         Returns a function that removes it."""
         key = next(self._keys)
-        self._listeners[key] = _in_loop_thread(callback)
+        self._listeners[key] = on_loop(callback)
 
         def remove() -> None:
             self._listeners.pop(key, None)

@@ -90,12 +90,13 @@ class StateReporter:
         }
 
     async def _write(self, snap: Snapshot, stopped_at: float | None) -> None:
-        def write() -> None:  # on the store's thread: the usage reports read the store
-            row = runtime.Row(
-                pid=os.getpid(), started_at=self.started_at, heartbeat=time.time(),
-                stopped_at=stopped_at, modems=snap.modems, uplink=snap.uplink,
-                usage=self._usage(), sims=snap.sims, tasks=snap.tasks,
-            )
+        row = runtime.Row(
+            pid=os.getpid(), started_at=self.started_at, heartbeat=time.time(),
+            stopped_at=stopped_at, modems=snap.modems, uplink=snap.uplink, usage=self._usage(),
+            sims=snap.sims, tasks=snap.tasks,
+        )
+
+        def write() -> None:
             with self._store.transaction() as db:
                 runtime.write(db, row)
 

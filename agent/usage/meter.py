@@ -19,13 +19,18 @@ Plans: ``[[usage.plan]]`` per ICCID, else ``[usage] plan_bytes``, overridden by
 ``usage-threshold`` event per SIM and period; the most severe action crossed applies until
 the period ends: ``throttle`` holds readings that are not critical (:meth:`allowed`), ``stop``
 also refuses new readings (:meth:`accepting`, an ingest gate).
+
+:meth:`UsageMeter.observe`, :meth:`UsageMeter.set_plan` and :meth:`UsageMeter.publish` commit:
+from the event loop, call them through ``await store.run(...)``. :meth:`UsageMeter.reports`
+answers from memory (kept fresh by those three), for the runtime row written every few seconds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -113,6 +118,9 @@ class UsageMeter:
         self._plans = {plan.iccid: plan for plan in cfg.plan}
         self._clock = clock
         self._cap = _Cap(None, 0.0, "")
+        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}  # iccid: (valid until, report)
+        self._generation = 0  # bumped by every change of the cache
+        self._cache_lock = threading.Lock()
         rows = store.query("SELECT value FROM meta WHERE key = 'usage.sim'")
         self.sim: str | None = rows[0][0] if rows else None
         if self.sim is not None:
@@ -202,6 +210,8 @@ class UsageMeter:
                            (_cycle_key(iccid), str(cycle_day)))
             if iccid == self.sim:
                 self._evaluate(_query(db), iccid, self._clock())
+            else:
+                self._store.after_commit(lambda: self._remember(iccid, None))
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -209,17 +219,47 @@ class UsageMeter:
         """The ``usage`` report of ``iccid`` for the period holding ``now``."""
         return self._report(self._store.query, canonical_iccid(iccid), now or self._clock())
 
+    def reports(self, iccids: Iterable[str | None]) -> list[dict[str, Any]]:
+        """The current report of each of ``iccids`` and of the SIM in use, by ICCID, from
+        memory: a SIM's report is read from the store once, then refreshed when its usage or
+        plan changes (:meth:`observe`, :meth:`set_plan`, :meth:`publish`) or its period ends.
+        Cheap enough for every runtime row; the reports are shared: do not modify them."""
+        now = self._clock()
+        wanted = {canonical_iccid(i) for i in iccids if i} | ({self.sim} if self.sim else set())
+        out = []
+        for iccid in sorted(wanted):
+            with self._cache_lock:
+                cached, generation = self._cache.get(iccid), self._generation
+            if cached is None or now >= cached[0]:
+                report = self._report(self._store.query, iccid, now)
+                cached = (_period_end(report), report)
+                with self._cache_lock:  # unless a fresher one came meanwhile
+                    if self._generation == generation:
+                        self._cache[iccid] = cached
+            out.append(cached[1])
+        return out
+
+    def _remember(self, iccid: str, report: dict[str, Any] | None) -> None:
+        """After a commit: the SIM's current report (None: read it again when asked)."""
+        with self._cache_lock:
+            self._generation += 1
+            if report is None:
+                self._cache.pop(iccid, None)
+            else:
+                self._cache[iccid] = (_period_end(report), report)
+
     def publish(self) -> list[str]:
         """Queue a ``usage`` report for each SIM with usage in its current period (and the SIM
         in use); returns the reading ids."""
         now = self._clock()
         iccids = {row[0] for row in self._store.query("SELECT DISTINCT iccid FROM usage_period")}
-        reports = [
-            report
-            for iccid in sorted(iccids | ({self.sim} if self.sim else set()))
-            if (report := self.report(iccid, now))["counters"] or iccid == self.sim
-        ]
-        return self._publish(reports, now)
+        fresh = {iccid: self.report(iccid, now)
+                 for iccid in sorted(iccids | ({self.sim} if self.sim else set()))}
+        reports = [r for iccid, r in fresh.items() if r["counters"] or iccid == self.sim]
+        ids = self._publish(reports, now)
+        for iccid, report in fresh.items():
+            self._remember(iccid, report)
+        return ids
 
     def _publish(self, reports: list[dict[str, Any]], now: float) -> list[str]:
         return self._outbox.add(
@@ -269,6 +309,7 @@ class UsageMeter:
         """Fire thresholds not yet fired this period (inside the caller's transaction) and
         set the action in force."""
         report = self._report(query, iccid, now)
+        self._store.after_commit(lambda: self._remember(iccid, report))
         plan, billed = report["plan_bytes"], report["billed_estimate"]
         crossed = [t for t in self._cfg.thresholds if plan and billed >= t.share * plan]
         period = report["period"]["start"]
@@ -323,6 +364,10 @@ class UsageMeter:
         """The ingest gate: None, or why new readings are refused (``stop`` reached)."""
         cap = self._action()
         return cap.reason if cap.action == "stop" else None
+
+
+def _period_end(report: dict[str, Any]) -> float:
+    return datetime.fromisoformat(report["period"]["end"]).timestamp()
 
 
 def _query(db: Any) -> Query:
