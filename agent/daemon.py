@@ -112,7 +112,7 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
     changed = asyncio.Event()  # something shown changed: the state reporter compares soon
     supervisor = Supervisor(*restart, on_change=changed.set)
     outbox = Outbox(store, max_bytes=cfg.outbox.max_bytes, max_age=cfg.outbox.max_age,
-                    on_drop=_log_drop)
+                    drop_policy=cfg.outbox.drop_policy, on_drop=_log_drop)
     events = Events(outbox)
     usage = UsageMeter(store, outbox, events, cfg.usage)
     clock = TrustedClock(anchor=load_anchor(store),

@@ -150,7 +150,8 @@ class OutboxConfig:
     max_bytes: int = field(default=64 * MIB, metadata=spec(int_between(MIB, 1 << 40)))
     max_age: float = field(default=7 * 86400.0, metadata=spec(number_between(60, 366 * 86400)))
     drop_policy: str = field(
-        default="oldest-lowest-priority", metadata=spec(one_of("oldest-lowest-priority"))
+        default="oldest-lowest-priority",  # the keys of agent.telemetry.outbox.DROP_ORDER
+        metadata=spec(one_of("oldest-lowest-priority")),
     )
 
 

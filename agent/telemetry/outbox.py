@@ -106,6 +106,10 @@ def on_loop(callback: Callable[..., None]) -> Callable[..., None]:
     return call
 
 
+# ``[outbox] drop_policy`` -> the order in which readings go when the outbox is over its bound
+DROP_ORDER = {"oldest-lowest-priority": "priority, seq"}
+
+
 class Outbox:
     def __init__(
         self,
@@ -113,12 +117,14 @@ class Outbox:
         *,
         max_bytes: int,
         max_age: float,
+        drop_policy: str = "oldest-lowest-priority",
         on_drop: DropCallback | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._max_bytes = max_bytes
         self._max_age = max_age
+        self._drop_order = DROP_ORDER[drop_policy]
         self._on_drop = on_loop(on_drop) if on_drop else None
         self._clock = clock
         self._listeners: dict[int, Callable[[], None]] = {}
@@ -217,7 +223,7 @@ class Outbox:
         dropped: list[tuple[str, int]] = []
         while excess > 0:
             candidates = db.execute(
-                "SELECT seq, size FROM outbox WHERE seq < ? ORDER BY priority, seq LIMIT 256",
+                f"SELECT seq, size FROM outbox WHERE seq < ? ORDER BY {self._drop_order} LIMIT 256",
                 (first_new,),
             ).fetchall()
             if not candidates:
