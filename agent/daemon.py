@@ -94,9 +94,6 @@ class _SlotHooks:
         self._keeper.detach()
         self._supervisor.cancel("sms commands")
 
-    def timed_out(self) -> None:
-        self._keeper.note_timeout()
-
 
 def build(cfg: Config, store: Store, *, config_path: Path | None = None,
           restart: tuple[float, float] = (1.0, 60.0),

@@ -13,7 +13,17 @@ from agent.core.config import ConformanceConfig
 from agent.core.store import Store
 from agent.sim.activation import tcp_probe
 from agent.sim.keeper import KeeperError
-from tests.test_keeper_harness import echo_server, rig, sign, state_of, until, write_signed_list
+from drivers.channel import Reset
+from tests.test_keeper_harness import (
+    after,
+    echo_server,
+    rig,
+    sign,
+    state_of,
+    until,
+    with_lifecycle,
+    write_signed_list,
+)
 
 # The simulator's Quectel EC25: IMEI 864692030541238, firmware EC25JFAR06A07M4G, network 440-10.
 EC25 = """
@@ -67,6 +77,21 @@ async def test_enforce_keeps_an_unlisted_terminal_off_the_air(
         report = r.events.of("conformance")[0]
         assert report["conforming"] is False
         assert [f["check"] for f in report["failures"]] == ["model"]
+        assert r.count("AT+CGACT=1,1") == 0
+        assert r.keeper.summary()["activation"]["attempts"] == 0
+
+
+async def test_a_refused_terminal_still_listens_for_orders(
+        tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """Radio off under ``enforce``, but on for rare listening windows (an order could fix the
+    list); a SIM never activated gets no data context then: only the radio, for SMS."""
+    lifecycle = with_lifecycle(probation_interval=0.5, probation_window=0.6)
+    async with rig(tmp_path, lifecycle=lifecycle, **conf(tmp_path, key, ec25(model="EG91"))) as r:
+        await until(lambda: r.sim.state.radio == 4, what="radio off")
+        mark = len(r.sim.commands)
+        await until(lambda: after(r.sim.commands, mark, "AT+CFUN=1", "AT+CFUN=4"),
+                    what="a listening window")
+        assert r.events.of("listening")[0]["reason"] == "terminal does not conform"
         assert r.count("AT+CGACT=1,1") == 0
         assert r.keeper.summary()["activation"]["attempts"] == 0
 
@@ -128,7 +153,9 @@ async def test_sim_swap_reruns_conformance(tmp_path: Path, key: Ed25519PrivateKe
         assert r.events.of("conformance")[-1]["iccid"] == "8981100005819480022"
 
 
-async def test_malfunction_trips_persists_and_waits_for_an_order(tmp_path: Path) -> None:
+async def test_malfunction_is_reported_persists_and_keeps_the_radio_on(tmp_path: Path) -> None:
+    """Spontaneous resets count toward the malfunction window; the report trips, persists
+    across a restart until an order clears it, and never turns the radio off."""
     store = Store(tmp_path / "simkeeper.db")
     malfunction = {"conformance": ConformanceConfig(malfunction_resets=2,
                                                     malfunction_window=3600.0)}
@@ -141,24 +168,34 @@ async def test_malfunction_trips_persists_and_waits_for_an_order(tmp_path: Path)
                 await until(lambda: r.count("AT+CTZU=1") >= 2, what="first reset handled")
                 r.sim.reboot()
                 await until(lambda: r.events.of("malfunction"), what="tripped")
-                await until(lambda: r.sim.state.radio == 4, what="radio off")
-                assert r.keeper.summary()["terminal"]["malfunction"] is not None
-                r.sim.set_radio(1)
+                rounds = r.count("AT+CFUN?")
+                await until(lambda: r.count("AT+CFUN?") >= rounds + 2, what="rounds after it")
+                assert r.sim.state.radio == 1 and r.count("AT+CFUN=4") == 0
+                terminal = r.keeper.summary()["terminal"]
+                assert terminal["malfunction"] is not None
+                assert terminal["malfunction_signals"] == 2
             async with rig(tmp_path, store=store, probe=probe, **malfunction) as r:
-                await until(lambda: r.sim.state.radio == 4, what="still off after restart")
+                await until(lambda: state_of(r.keeper) == "active", what="on the air")
+                assert r.keeper.summary()["terminal"]["malfunction"] is not None  # persisted
                 assert r.keeper.clear_malfunction()
-                await until(lambda: r.sim.state.radio == 1, what="back on the air")
-                assert state_of(r.keeper) == "active"
                 assert r.events.of("malfunction-cleared")
+                assert r.keeper.summary()["terminal"]["malfunction"] is None
                 assert not r.keeper.clear_malfunction()
+                assert r.sim.state.radio == 1
     finally:
         store.close()
 
 
-async def test_hangs_count_as_malfunction(tmp_path: Path) -> None:
+async def test_hangs_count_once_per_episode(tmp_path: Path) -> None:
     async with rig(tmp_path, conformance=ConformanceConfig(malfunction_resets=3)) as r:
         await until(lambda: r.keeper.iccid is not None)
-        for _ in range(3):
-            r.keeper.note_timeout()  # the session's polls report their hangs here
+        r.keeper.note_hang("AT+CSQ: no answer within 2 s")
+        r.keeper.note_reset(Reset("AT+CFUN=1,1 (recovery of a hang)", "recovery"))
+        r.keeper.note_reset(Reset("AT+CFUN=1,1 (requested)", "requested"))
+        assert r.keeper.summary()["terminal"]["malfunction_signals"] == 1
+        r.keeper.note_hang("AT+CEREG?: no answer within 2 s")
+        r.keeper.note_reset(Reset("RDY", "spontaneous"))
         assert r.events.of("malfunction")
-        await until(lambda: r.sim.state.radio == 4)
+        rounds = r.count("AT+CFUN?")
+        await until(lambda: r.count("AT+CFUN?") >= rounds + 2, what="rounds after it")
+        assert r.sim.state.radio == 1

@@ -1,7 +1,9 @@
 """Shared parts of the keeper tests (no tests here): the simulator on a real pty, a real SQLite
 store, a settable wall clock, loopback echo servers, and a wait that polls a condition.
 
-Nothing asserts on timing: :func:`until` only bounds how long a test may hang.
+Nothing asserts an elapsed-time ceiling: :func:`until` only bounds how long a test may hang. The
+one timing a test asserts is a floor: the gap between two activation attempts as the modem saw
+them (:func:`timed`, :func:`attempt_starts`), never below the backoff's minimum.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -75,6 +78,41 @@ async def until(cond: Callable[[], Any], timeout: float = 8.0, what: str = "") -
         if loop.time() > end:
             raise AssertionError(f"not reached within {timeout} s: {what or cond}")
         await asyncio.sleep(0.01)
+
+
+class TimedCommands(list[str]):
+    """The simulator's command log, with the monotonic time the modem saw each line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def append(self, line: str) -> None:
+        self.times.append(time.monotonic())
+        super().append(line)
+
+
+def timed(sim: SimulatedModem) -> TimedCommands:
+    """From now on, ``sim`` records when it saw each command."""
+    log = TimedCommands()
+    sim.commands = log
+    return log
+
+
+def attempt_starts(log: TimedCommands) -> list[float]:
+    """When the modem saw each activation attempt begin: its first ``AT+CPIN?`` (an attempt's
+    first command, and no other part of the keeper's; a busy SIM's retries follow at once)."""
+    starts = []
+    for i, line in enumerate(log):
+        if line.upper() == "AT+CPIN?" and (i == 0 or log[i - 1].upper() != "AT+CPIN?"):
+            starts.append(log.times[i])
+    return starts
+
+
+def after(commands: list[str], mark: int, *wanted: str) -> bool:
+    """``wanted`` appear in this order in ``commands`` from index ``mark`` on."""
+    rest = iter(commands[mark:])
+    return all(any(line.upper() == want.upper() for line in rest) for want in wanted)
 
 
 def state_of(keeper: SimKeeper) -> str | None:
@@ -195,14 +233,14 @@ async def rig(tmp_path: Path, *, personality: str = "quectel",
               scenario: dict[str, Any] | None = None, store: Store | None = None,
               wall: Wall | None = None, backoff: RecordingBackoff | None = None,
               start: bool = True, sim: SimulatedModem | None = None,
-              **kwargs: Any) -> AsyncIterator[Rig]:
+              command_timeout: float = 2.0, **kwargs: Any) -> AsyncIterator[Rig]:
     """A simulated modem on a pty, initialised like the daemon's session does (again after each
     reset), and a keeper attached to it."""
     own_sim = sim is None
     sim = sim or SimulatedModem(personality, scenario, boot_seconds=0.2, sim_busy_seconds=0.05)
     if own_sim:
         await sim.start()
-    channel = await AtChannel.open(sim.path, timeout=2.0, resync_timeout=0.3)
+    channel = await AtChannel.open(sim.path, timeout=command_timeout, resync_timeout=0.3)
     modem = Modem(channel, retry_for=2.0, retry_wait=0.05)
     profile = await modem.init()
     inits: set[asyncio.Task[Any]] = set()

@@ -4,10 +4,19 @@ only backs off, jittered, never in a storm."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from agent.sim.activation import tcp_probe
-from tests.test_keeper_harness import echo_server, fast_backoff, rig, state_of, until
+from tests.test_keeper_harness import (
+    attempt_starts,
+    echo_server,
+    fast_backoff,
+    rig,
+    state_of,
+    timed,
+    until,
+)
 
 
 async def test_permanent_reject_suspends_and_probes_rarely(tmp_path: Path) -> None:
@@ -60,17 +69,37 @@ async def test_permanent_reject_of_an_active_sim(tmp_path: Path) -> None:
 
 
 async def test_temporary_reject_backs_off_with_jitter(tmp_path: Path) -> None:
-    async with rig(tmp_path, start=False) as r:
+    """The real gaps between attempts, as the modem saw them, never below the minimum: neither
+    the kick of the attach nor a flood of URCs (each one wakes the keeper) cuts a pause."""
+    backoff = fast_backoff(base=0.1, cap=0.3, min_delay=0.08, urgent_cap=0.15)
+    async with rig(tmp_path, start=False, backoff=backoff) as r:
+        log = timed(r.sim)
         r.sim.set_network("denied", reject_cause=22)  # congestion
+        r.sim.flood(100, 60, text="+CTZV: +36")  # time zone URCs: the keeper looks again
         r.keeper.start()
-        await until(lambda: len(r.backoff.delays) >= 5, what="five retries")
+        await until(lambda: len(attempt_starts(log)) >= 6, what="six attempts")
+        starts = attempt_starts(log)
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert min(gaps) >= backoff.min_delay, gaps  # never closer than min_delay
+        assert r.sim.flooding and r.count("AT+CCLK?") >= 2  # the URCs did wake it meanwhile
         assert state_of(r.keeper) in ("awaiting-activation", "activating")
         assert r.count("AT+CFUN=4") == 0  # not treated as barring
-        assert all(d >= 0.02 for d in r.backoff.delays)  # never closer than min_delay
         assert len(set(r.backoff.delays)) > 1  # jittered
         failed = r.events.of("activation-failed")
         assert failed and "congestion" in failed[0]["detail"]["reason"]
         assert "network-reject" not in r.events.kinds()
+
+
+async def test_an_order_ends_a_backoff_pause(tmp_path: Path) -> None:
+    """New work (the ``activate`` order) may end a pause the backoff chose (30 s here)."""
+    backoff = fast_backoff(base=30.0, cap=30.0, min_delay=30.0, urgent_cap=30.0)
+    async with rig(tmp_path, start=False, backoff=backoff) as r:
+        log = timed(r.sim)
+        r.sim.set_network("denied", reject_cause=22)
+        r.keeper.start()
+        await until(lambda: len(r.backoff.delays) == 1, what="first attempt failed")
+        r.keeper.activate()
+        await until(lambda: len(attempt_starts(log)) == 2, what="tried at once")
 
 
 async def test_a_reject_cause_only_in_ceer_is_read(tmp_path: Path) -> None:

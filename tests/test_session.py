@@ -1,12 +1,15 @@
 """A modem session against the simulator on a real pty: it initialises, polls, meters usage,
-re-initialises after a reset, re-opens a port that vanished, and counts malfunctions."""
+re-initialises after a reset, re-opens a port that vanished, shows the modem's real state (hung,
+resetting) with since when, and counts timeouts, hang episodes and resets."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from agent.modem.session import ModemSession
 from agent.usage.meter import Counters
@@ -18,7 +21,7 @@ Observed = list[tuple[str, str, Counters, str]]
 
 @asynccontextmanager
 async def session_on(
-    port: str, observed: Observed | None = None, **kwargs: float
+    port: str, observed: Observed | None = None, **kwargs: Any
 ) -> AsyncIterator[ModemSession]:
     async def observe(iccid: str, source: str, counters: Counters, epoch: str) -> None:
         assert observed is not None
@@ -42,7 +45,7 @@ async def serving(
     personality: str = "quectel",
     observed: Observed | None = None,
     link: Path | None = None,
-    **kwargs: float,
+    **kwargs: Any,
 ) -> AsyncIterator[tuple[SimulatedModem, ModemSession]]:
     sim = SimulatedModem(personality, link=link, boot_seconds=0.2, sim_busy_seconds=0.1)
     async with sim, session_on(str(link or sim.path), observed, **kwargs) as session:
@@ -75,7 +78,8 @@ async def test_a_modem_without_counters_is_not_metered_from_the_modem() -> None:
     observed: Observed = []
     async with serving("simcom", observed, poll_interval=0.2) as (_sim, session):
         await until(ready(session), "first poll")
-        await asyncio.sleep(0.5)
+        first = session.polled_at
+        await until(lambda: session.polled_at != first, "another poll")
     assert all(source != "modem" for _, source, _, _ in observed)
 
 
@@ -125,4 +129,60 @@ async def test_stop_while_a_command_is_in_flight_is_not_lost() -> None:
         async with serving(poll_interval=0.1, command_timeout=5) as (sim, session):
             await until(ready(session), "first poll")
             sim.silence(30)
-            await asyncio.sleep(0.5)  # the next poll's first command is waiting on the modem
+            ignored = sim.ignored
+            await until(lambda: sim.ignored > ignored, "a command waiting on the silent modem")
+
+
+class States:
+    """Every state the session shows, with its ``since`` (its ``on_change`` hook)."""
+
+    def __init__(self) -> None:
+        self.session: ModemSession | None = None
+        self.seen: list[tuple[str, float | None]] = []
+
+    def __call__(self) -> None:
+        s = self.session
+        if s is None:
+            return
+        now = (s.state, s.summary().get("since"))
+        if not self.seen or self.seen[-1] != now:
+            self.seen.append(now)
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.seen]
+
+
+async def test_a_hang_shows_as_hung_and_is_one_episode() -> None:
+    states = States()
+    async with serving(poll_interval=0.1, command_timeout=0.3, on_change=states) as (
+            sim, session):
+        states.session = session
+        await until(ready(session), "first poll")
+        began = time.time()
+        sim.silence(1.5)  # many commands time out in it
+        await until(lambda: session.state == "hung", "hung")
+        hung = session.summary()
+        assert hung["since"] >= began and "recovery" in (hung["detail"] or "")
+        await until(lambda: session.state == "ready" and not sim.silent, "answering again")
+        summary, names = session.summary(), states.names()
+    assert summary["hangs"] == 1 and summary["timeouts"] >= 2
+    assert summary["last_hang"] is not None and summary["last_hang"] >= began
+    assert summary["since"] >= hung["since"]
+    assert names[-2:] == ["hung", "ready"]
+
+
+async def test_a_requested_reset_shows_as_resetting_then_ready() -> None:
+    states = States()
+    async with serving(poll_interval=60, on_change=states) as (sim, session):
+        states.session = session
+        await until(ready(session), "first poll")
+        inits = sim.commands.count("ATE0")
+        began = time.time()
+        assert await session.reset() == f"modem {sim.path} reset"
+        await until(lambda: "resetting" in states.names(), "resetting")
+        await until(lambda: sim.commands.count("ATE0") > inits, "initialised again")
+        await until(lambda: session.state == "ready", "ready again")
+        summary = session.summary()
+    since = states.seen[states.names().index("resetting")][1]
+    assert since is not None and since >= began and summary["since"] >= since
+    assert summary["resets"] == 1 and summary["hangs"] == 0

@@ -12,8 +12,14 @@ A :class:`ModemSession` owns its port for as long as it runs:
   ``simkeeper modem info --json`` shows it, plus the data counters and the module temperature
   (one AT command, where the vendor profile has one), and feeds the usage meter with the
   modem's and the kernel's counters of ``interface`` on the same tick;
-- it counts malfunction signals with their times (command timeouts, resets), for the
-  conformance check's "N resets or hangs within a window".
+- it shows the modem's real state (:attr:`ModemSession.state`, with ``since``, Unix seconds):
+  ``opening``, ``ready``, ``hung`` (commands time out; the channel's recovery is under way),
+  ``resetting`` (a reset or power cycle: waiting for the modem to answer again), ``lost`` (the
+  port is gone; reopening) or ``stopped``. ``hung`` and ``resetting`` come from the channel's
+  condition (:meth:`drivers.channel.AtChannel.add_condition_listener`);
+- it counts, with their times, command timeouts, hang episodes (one per hang however many
+  commands timed out: the channel's hang listener) and modem resets, for ``status``. The SIM
+  keeper counts its malfunction signals from the same channel listeners.
 """
 
 from __future__ import annotations
@@ -43,20 +49,23 @@ Observe = Callable[[str, str, Counters, str], Awaitable[None]]
 
 class SessionHooks(Protocol):
     """What else rides on a session's modem (the SIM keeper, the SMS command reader): told
-    when the modem is up (after its first initialisation on an opened port), when the port is
-    gone, and of every command timeout."""
+    when the modem is up (after its first initialisation on an opened port) and when the port
+    is gone. Hangs and resets they hear from the channel's own listeners."""
 
     def attached(self, channel: AtChannel, profile: Profile) -> None: ...
     def detached(self) -> None: ...
-    def timed_out(self) -> None: ...
-MALFUNCTION_MEMORY = 256  # timestamps kept per kind; the conformance window reads the newest
+
+
+MALFUNCTION_MEMORY = 256  # timestamps kept per kind, newest last
 
 
 class Malfunctions:
-    """Command timeouts and modem resets, each with its time (``clock()``, newest last)."""
+    """Command timeouts, hang episodes and modem resets, each with its time (``clock()``,
+    newest last)."""
 
     def __init__(self) -> None:
         self.timeouts: deque[float] = deque(maxlen=MALFUNCTION_MEMORY)
+        self.hangs: deque[float] = deque(maxlen=MALFUNCTION_MEMORY)
         self.resets: deque[float] = deque(maxlen=MALFUNCTION_MEMORY)
 
     def within(self, window: float, now: float) -> tuple[int, int]:
@@ -68,7 +77,8 @@ class Malfunctions:
 
 
 class _Watched:
-    """The channel as :class:`Modem` sees it, with every command timeout counted."""
+    """The channel as :class:`Modem` sees it, with every command timeout counted (for
+    ``status`` only: a hang is one episode, however many commands time out in it)."""
 
     def __init__(self, channel: AtChannel, on_timeout: Callable[[], None]) -> None:
         self._channel = channel
@@ -117,7 +127,8 @@ class ModemSession:
         self._command_timeout = command_timeout
         self._clock = clock
         self.malfunctions = Malfunctions()
-        self.state = "opening"  # opening | ready | lost | stopped
+        self.state = "opening"  # opening | ready | hung | resetting | lost | stopped
+        self.since = clock()  # when it entered that state (Unix seconds)
         self.detail: str | None = None
         self.info: dict[str, Any] | None = None  # the `modem info --json` object, last poll
         self.polled_at: float | None = None
@@ -127,6 +138,7 @@ class ModemSession:
         self._wake = asyncio.Event()
         self._stale = True
         self._hooked = False
+        self._polled = False  # polled once on this port
 
     # -- what the daemon shows -------------------------------------------------------------------
 
@@ -144,14 +156,17 @@ class ModemSession:
         return {
             "port": self.port,
             "state": self.state,
+            "since": self.since,
             "detail": self.detail,
             "modem": self.info,
             "polled_at": self.polled_at,
             "temperature_c": self.temperature_c,
             "reopens": self.reopens,
             "timeouts": len(m.timeouts),
+            "hangs": len(m.hangs),
             "resets": len(m.resets),
             "last_timeout": m.timeouts[-1] if m.timeouts else None,
+            "last_hang": m.hangs[-1] if m.hangs else None,
             "last_reset": m.resets[-1] if m.resets else None,
         }
 
@@ -183,15 +198,19 @@ class ModemSession:
         if (state, detail) != (self.state, self.detail):
             if state != self.state:
                 log.info("modem %s: %s%s", self.port, state, f" ({detail})" if detail else "")
+                self.since = self._clock()
             self.state, self.detail = state, detail
             self._on_change()
 
     async def _serve(self, channel: AtChannel) -> None:
         self._channel = channel
         self._stale = True
+        self._polled = False
         self._wake.clear()
         channel.add_reset_listener(self._on_reset)
         channel.add_close_listener(self._on_close)
+        channel.add_hang_listener(self._on_hang)
+        channel.add_condition_listener(self._on_condition)
         modem = Modem(_Watched(channel, self._on_timeout))
         try:
             await self._serve_modem(channel, modem)
@@ -234,10 +253,12 @@ class ModemSession:
             log.debug("modem %s: no data counters: %s", self.port, exc)
             counters = ()
         temperature = await modem.temperature()  # None, never raises, unless the port is gone
-        first = self.state != "ready"
+        first, self._polled = not self._polled, True
         self.info, self.polled_at = info, self._clock()
         self.temperature_c = temperature
-        self._set_state("ready", None)
+        channel = self._channel
+        if channel is None or channel.condition[0] == "ready":
+            self._set_state("ready", None)
         if first:
             self._backoff.reset()
             self._on_ready()
@@ -274,17 +295,36 @@ class ModemSession:
 
     def _on_timeout(self) -> None:
         self.malfunctions.timeouts.append(self._clock())
-        if self.hooks is not None:
-            self.hooks.timed_out()
+
+    def _on_hang(self, what: str) -> None:
+        self.malfunctions.hangs.append(self._clock())
+        if self.state == "hung":
+            self._set_state("hung", f"{what}; recovery under way")
+        self._on_change()
+
+    def _on_condition(self, condition: str) -> None:
+        """The channel's condition: ``hung`` and ``resetting`` show as they are; ``ready``
+        again ends them (after a reset, the re-initialisation follows)."""
+        if condition in ("hung", "resetting"):
+            self._set_state(condition, _CONDITION_DETAIL[condition])
+        elif condition == "ready" and self.state in ("hung", "resetting") and self._polled:
+            self._set_state("ready", None)
 
     async def reset(self) -> str:
-        """The ``reset-modem`` order: ``AT+CFUN=1,1``; the session re-initialises on the
-        banner (or the echo) that follows."""
+        """The ``reset-modem`` order: the vendor's reset (``AT+CFUN=1,1``); the channel is
+        ``resetting`` until the modem answers again (not a malfunction: the order asked for
+        it), and the session re-initialises then."""
         channel = self._channel
         if channel is None or not channel.is_open:
             raise NotConnected(f"modem {self.port}: not connected ({self.state})")
-        await channel.command("AT+CFUN=1,1", timeout=15.0)
+        await channel.reset_modem(timeout=15.0)
         return f"modem {self.port} reset"
+
+
+_CONDITION_DETAIL = {
+    "hung": "not answering; recovery under way",
+    "resetting": "reset or power cycle; waiting for the modem",
+}
 
 
 def _honour_cancellation() -> None:

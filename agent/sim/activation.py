@@ -6,8 +6,7 @@ Activation = the radio on (``+CFUN=1``), the SIM registered (home or roaming), t
 (``AT+CGACT=1,<cid>``) with an address (``+CGPADDR``), and one round trip through a
 :data:`Probe`. A failing step raises :class:`AttemptFailed`, carrying the classified network
 refusal when there is one (registration reject fields or ``AT+CEER``; ``+CME ERROR`` of
-``+CGACT``); retrying is the caller's business (:mod:`agent.sim.activation_loop`, with
-tenacity).
+``+CGACT``); retrying is the caller's business (:mod:`agent.sim.activation_loop`).
 
 ``checkpoint`` is awaited between steps: the keeper raises there to abandon an attempt that an
 order (suspend, decommission, SIM swap) made pointless.

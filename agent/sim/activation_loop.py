@@ -1,18 +1,21 @@
-"""The keeper's activation loop: attempts (:mod:`agent.sim.activation`) retried by tenacity with
+"""The keeper's activation loop: attempts (:mod:`agent.sim.activation`) spaced by
 :class:`agent.sim.rejects.Backoff` delays that shrink as the deadline nears.
 
-Between attempts the keeper's round maintenance runs again (time, SIM, verdict, enforcement),
-and its wakeable pause is the sleep, so an order, a reset or a swap abandons the loop at once.
-A permanent reject suspends the SIM (source ``network``) and hands it to the network probe.
+Never two attempts closer than the backoff's ``min_delay`` (``[lifecycle] retry_min``), nor a
+failed one and the next closer than the delay the backoff chose: the spacing holds across
+rounds (an attempt a modem reset interrupted counts), and the pause that keeps it is ended only
+by new work (:meth:`agent.sim.shared.Wake.kick`: an order, attach after a detach; a new SIM
+starts from scratch, :meth:`ActivationLoop.reset`), never by a URC or a reset. Before each
+attempt after a pause the keeper's round maintenance runs again (time, SIM, verdict,
+enforcement). A permanent reject suspends the SIM (source ``network``) and hands it to the
+network probe.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
-
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from agent.sim.activation import Activator, AttemptFailed
 from agent.sim.lifecycle import Lifecycle
@@ -29,35 +32,47 @@ log = logging.getLogger("agent.sim.keeper")  # the keeper's parts log as one
 class ActivationLoop:
     def __init__(self, sim: SimSlot, activator: Activator, backoff: Backoff, *,
                  network: NetworkWatch, wake: Wake,
-                 maintain: Callable[[Modem], Awaitable[None]]) -> None:
+                 maintain: Callable[[Modem], Awaitable[None]],
+                 mono: Callable[[], float] = time.monotonic) -> None:
         self._sim = sim
         self._activator = activator
         self._backoff = backoff
         self._network = network
         self._wake = wake
         self._maintain = maintain  # the keeper's round maintenance
+        self._mono = mono
+        self._due = 0.0  # monotonic: no attempt before this, unless new work came since...
+        self._kicks = 0  # ...the kick count when it was set
 
-    def _retry_wait(self, _state: RetryCallState) -> float:
-        self._sim.next_delay = delay = self._backoff.next_delay(self._sim.time_left())
-        return delay
-
-    def _stop_retrying(self, _state: RetryCallState) -> bool:
-        return not self._sim.wants_activation()
+    def reset(self) -> None:
+        """A new SIM: its first attempt is not held back by the old one's."""
+        self._due = 0.0
 
     async def run(self, modem: Modem) -> None:
-        retrying = AsyncRetrying(retry=retry_if_exception_type(AttemptFailed),
-                                 wait=self._retry_wait, stop=self._stop_retrying,
-                                 sleep=self._wake.pause, reraise=True)
-        first = True
-        with contextlib.suppress(AttemptFailed):
-            async for attempt in retrying:
-                with attempt:
-                    if not first:
-                        await self._maintain(modem)
-                        if not self._sim.wants_activation():
-                            raise Interrupted
-                    first = False
-                    await self._attempt(modem)
+        """Attempts, spaced, until one succeeds or activation is no longer wanted (right after
+        the round's maintenance)."""
+        while True:
+            if await self._wait_due():
+                await self._maintain(modem)
+                if not self._sim.wants_activation():
+                    raise Interrupted
+            try:
+                await self._attempt(modem)
+                return
+            except AttemptFailed:
+                self._sim.next_delay = delay = self._backoff.next_delay(self._sim.time_left())
+                self._due = max(self._due, self._mono() + delay)
+            if not self._sim.wants_activation():
+                return
+
+    async def _wait_due(self) -> bool:
+        """Hold the next attempt until it is due; only new work ends the wait early. Whether
+        it waited (then the round's maintenance runs again)."""
+        waited = False
+        while self._wake.kicks == self._kicks and (left := self._due - self._mono()) > 0:
+            await self._wake.backoff(left, self._kicks)
+            waited = True
+        return waited
 
     async def _checkpoint(self) -> None:
         if self._wake.dirty or not self._sim.wants_activation():
@@ -73,6 +88,8 @@ class ActivationLoop:
             raise Interrupted
         if lc.state == "awaiting-activation":
             lc.start_activation()
+        self._kicks = self._wake.kicks
+        self._due = self._mono() + self._backoff.min_delay  # never two closer, whatever ends it
         notes = sim.notes.notes(lc.iccid)
         notes.attempts += 1
         notes.last_attempt = sim.clock.now().ts

@@ -22,7 +22,7 @@ detached (a ``.sig`` file beside it), base64url without padding, over the file's
     telecom_business_act = "D180155003"
 
 :func:`check` judges a modem identity and the serving network's MCC against the list;
-:class:`MalfunctionDetector` turns modem resets and hangs into a malfunction verdict.
+:class:`MalfunctionDetector` turns modem hangs and spontaneous resets into a malfunction report.
 """
 
 from __future__ import annotations
@@ -339,9 +339,10 @@ def check(identity: Identity, lst: ConformanceList, mcc_mnc: str | None) -> Verd
 
 
 class MalfunctionDetector:
-    """``threshold`` modem resets or hangs within ``window`` seconds make a malfunction
-    (terms §14.3: radio off, report, wait for an order). Fed monotonic timestamps; latched
-    until :meth:`clear` (the operator's order)."""
+    """``threshold`` modem hangs or spontaneous resets within ``window`` seconds make a
+    malfunction (terms §14.3), reported until :meth:`clear` (the operator's order). Fed
+    monotonic timestamps, one per hang episode (not per timed-out command) or reset the agent
+    did not ask for."""
 
     def __init__(self, threshold: int = 5, window: float = 3600.0) -> None:
         if threshold < 1 or window <= 0:
@@ -352,21 +353,25 @@ class MalfunctionDetector:
         self.tripped = False
 
     def record(self, ts: float) -> bool:
-        """One reset or hang at ``ts``; True once the detector has tripped."""
+        """One hang or spontaneous reset at ``ts``; True once the detector has tripped."""
         self._seen.append(ts)
-        while self._seen and self._seen[0] <= ts - self.window:
-            self._seen.popleft()
-        if len(self._seen) >= self.threshold:
+        if self.count(ts) >= self.threshold:
             self.tripped = True
         return self.tripped
 
+    def count(self, now: float) -> int:
+        """Signals within the window that ends at ``now``."""
+        while self._seen and self._seen[0] <= now - self.window:
+            self._seen.popleft()
+        return len(self._seen)
+
     def verdict(self) -> Verdict | None:
-        """The malfunction as a verdict (policy ``enforce`` whatever the list says: the radio
-        stays off until an order), None while not tripped."""
+        """The malfunction as a verdict (its failure names it; policy ``warn``: it is reported,
+        the radio stays on), None while not tripped."""
         if not self.tripped:
             return None
-        return Verdict((Failure("malfunction", f"{self.threshold} modem resets or hangs within"
-                                               f" {self.window:.0f} s"),), "enforce")
+        return Verdict((Failure("malfunction", f"{self.threshold} modem hangs or spontaneous"
+                                               f" resets within {self.window:.0f} s"),), "warn")
 
     def clear(self) -> None:
         self._seen.clear()

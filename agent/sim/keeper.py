@@ -9,9 +9,21 @@ change the lifecycle and wake it, so nothing races on the modem. Each round:
    deadline alarms, the conformance verdict, and enforcement of the radio and data state, so a
    modem that rebooted with its radio on is put back to ``+CFUN=4`` at once (its reset wakes
    the keeper);
-2. then, by state: activation attempts retried with backoff
+2. then, by state: activation attempts spaced by the backoff
    (:class:`agent.sim.activation_loop.ActivationLoop`); a rare probe of a SIM the network barred,
-   or the watch on an active SIM (:class:`agent.sim.network_watch.NetworkWatch`).
+   the watch on an active SIM, or the listening window of a held radio
+   (:class:`agent.sim.network_watch.NetworkWatch`, :mod:`agent.sim.probation`).
+
+Between rounds it pauses (:class:`agent.sim.shared.Wake`): orders and an attach end any pause;
+resets and URCs end only the idle one, never the backoff between activation attempts.
+
+The channel's hang listener counts one malfunction signal per hang episode, its reset listener
+one per spontaneous reset (resets the agent asked for are not malfunctions); a malfunction is
+reported, and the radio stays on.
+
+One owner runs it: :meth:`run` ends only when its task is cancelled (the daemon's supervisor
+does that; nothing else stops a supervised keeper). :meth:`start` / :meth:`stop` are that owner
+for tests and tools that run the keeper alone.
 
 The daemon attaches the keeper to a modem session's channel (:meth:`attach` / :meth:`detach`),
 hands :meth:`telemetry_allowed` to the uplink and :meth:`accepting` to the ingest server, and
@@ -38,11 +50,12 @@ from agent.sim.lifecycle import LifecycleError, LifecycleRepository, Scope
 from agent.sim.network_watch import NetworkWatch
 from agent.sim.notes import KeeperStore
 from agent.sim.rejects import Backoff
-from agent.sim.shared import FATAL, CountedChannel, Interrupted, KeeperChannel, KeeperError, Wake
+from agent.sim.shared import FATAL, Interrupted, KeeperChannel, KeeperError, Wake
 from agent.sim.slot import SimSlot
 from agent.sim.suspension import Enforcer, Runner, ingest_refusal, run_process, telemetry_allowed
 from agent.sim.terminal_guard import TerminalGuard
 from drivers.at import Urc
+from drivers.channel import Reset
 from drivers.errors import ModemError
 from drivers.modem import Modem
 from drivers.vendors import GENERIC, Profile
@@ -103,7 +116,6 @@ class SimKeeper:
                                           maintain=self._maintain)
         self._unlisten: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self.last_error: str | None = None  # the last modem error of a round
 
     @classmethod
@@ -122,25 +134,29 @@ class SimKeeper:
     # -- running -----------------------------------------------------------------------------
 
     def start(self) -> asyncio.Task[None]:
+        """Run the keeper in a task of its own (tests, tools); :meth:`stop` ends it. The daemon
+        does not: its supervisor runs :meth:`run` and cancels it."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self.run(), name="sim-keeper")
         return self._task
 
     async def stop(self) -> None:
-        self.detach()
-        self._stopping = True
+        """End the task :meth:`start` made, and let go of the modem. Idempotent; it touches no
+        other task (a keeper under a supervisor is stopped by cancelling its task)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.detach()
 
     def attach(self, channel: KeeperChannel, profile: Profile = GENERIC) -> None:
         """A modem is ready on ``channel`` (after :meth:`Modem.init`; ``profile`` is what it
-        identified). The keeper listens to its resets and URCs and takes it from here."""
+        identified). The keeper listens to its hangs, resets and URCs and takes it from here."""
         self.detach()
-        self._sim.modem = Modem(CountedChannel(channel, self.note_timeout), profile)
+        self._sim.modem = Modem(channel, profile)
         self._unlisten = [channel.add_reset_listener(self.note_reset),
+                          channel.add_hang_listener(self.note_hang),
                           channel.add_urc_listener(self._on_urc)]
         self._sim.setup_needed = True
         self._kick()
@@ -153,16 +169,19 @@ class SimKeeper:
         self._sim.modem = None
 
     async def run(self) -> None:
-        self._stopping = False
+        """The keeper's rounds, until the task is cancelled (the only way it ends: a supervised
+        restart after a failure starts it again from the store, and undoes nothing)."""
         self.guard.load()
         self.reload_manifest()
-        while not self._stopping:
+        while True:
             delay = self.cfg.poll_interval
             modem = self._sim.modem
-            if modem is not None:
+            if modem is None:
+                self._wake.mark()  # nothing to look at until an attach
+            else:
                 try:
                     await self._round(modem)
-                    delay = self._network.delay(self.cfg.poll_interval)
+                    delay = self._idle_delay()
                 except Interrupted:
                     delay = 0.0
                 except FATAL as exc:
@@ -177,7 +196,14 @@ class SimKeeper:
                     log.warning("SIM keeper: %s", exc)
                     delay = 0.0
                 self._changed()
-            await self._wake.pause(delay)
+            await self._wake.idle(delay)
+
+    def _idle_delay(self) -> float:
+        """The poll interval, or less when a probe falls due or a listening window opens or
+        closes sooner."""
+        delay = self._network.delay(self.cfg.poll_interval)
+        change = self._sim.probation.until_change()
+        return delay if change is None else min(delay, change)
 
     async def _round(self, modem: Modem) -> None:
         await self._maintain(modem)
@@ -191,13 +217,16 @@ class SimKeeper:
             await self._network.barred(modem)
         elif lc.state == "active" and sim.may_emit()[0]:
             await self._network.watch(modem)
+        elif sim.listening:
+            await self._network.listen(modem)
 
     async def _maintain(self, modem: Modem) -> None:
-        self._wake.dirty = False
+        self._wake.mark()
         await self._sim.maintain(modem)
 
     def _swapped(self) -> None:
         self._network.reset()  # the new SIM is neither barred nor backed off
+        self._activation.reset()
 
     @property
     def _dirty(self) -> bool:
@@ -220,30 +249,34 @@ class SimKeeper:
 
     # -- hooks -------------------------------------------------------------------------------
 
-    def note_timeout(self) -> None:
-        """A command to the modem hung (the session's polls call this too)."""
-        self._malfunction_signal("command timeout")
+    def note_hang(self, what: str) -> None:
+        """The modem stopped answering (the channel's hang listener: once per hang episode,
+        however many commands time out until it answers again; the channel recovers it)."""
+        self._malfunction_signal(f"modem hung ({what})")
 
     def note_reset(self, reason: str) -> None:
-        """The modem restarted (the channel's reset listener): re-apply everything."""
+        """The modem restarted (the channel's reset listener): re-apply everything. Only a
+        reset nobody asked for is a malfunction signal: not the channel's recovery of a hang
+        (the hang was counted), not the ``reset-modem`` order."""
         self._sim.setup_needed = True
-        self._malfunction_signal(f"modem reset ({reason})")
-        self._kick()
+        if not isinstance(reason, Reset) or reason.spontaneous:
+            self._malfunction_signal(f"modem reset ({reason})")
+        self._wake.interrupt()
 
     def _malfunction_signal(self, what: str) -> None:
         if self.guard.record(what):
             malfunction = self.guard.malfunction or {}
-            log.error("terminal malfunction: %s; radio off until an order clears it",
+            log.error("terminal malfunction: %s; reported, the radio stays on",
                       malfunction.get("reason"))
             self._emit("malfunction", iccid=self.iccid, reason=malfunction.get("reason"),
-                       message="terminal malfunction: radio off, waiting for an order")
-            self._kick()
+                       message="terminal malfunction: modem hangs or resets; radio stays on")
+            self._changed()
 
     def _on_urc(self, urc: Urc) -> None:
         prefix = urc.prefix
         want = self._sim.want
         if prefix == "+CPIN":
-            self._kick()  # a SIM inserted, removed or swapped
+            self._wake.interrupt()  # a SIM inserted, removed or swapped: look again
         elif prefix in _TIME_URCS:
             self._sim.next_time_sync = 0.0
             self._wake.poke()
@@ -319,7 +352,10 @@ class SimKeeper:
         return self._sim.iccid
 
     def telemetry_allowed(self) -> bool:
+        """Readings may go up (not during a listening window: that is for orders only)."""
         lc = self._sim.lc
+        if self._sim.listening:
+            return False
         return lc is None or telemetry_allowed(lc.state, lc.suspension)
 
     def accepting(self) -> str | None:

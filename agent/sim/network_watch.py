@@ -1,10 +1,13 @@
 """The keeper and the network, once activation is over: a rare probe of a SIM the network
-barred (a permanent reject: suspended, source ``network``), and the watch on an active SIM.
+barred (a permanent reject: suspended, source ``network``), the watch on an active SIM, and the
+listening window of a gateway whose radio is held off (:mod:`agent.sim.probation`).
 
 A probe is one registration try (or, when only data was barred, one bearer try) at
 :meth:`agent.sim.rejects.Backoff.probe_delay` intervals; a success lifts the network suspension and
 activation runs again. The watch suspends an active SIM on a permanent reject, and brings back
-up a context the network cut when the agent owns the data path.
+up a context the network cut when the agent owns the data path. While a listening window is
+open, the context of a SIM that was activated is brought up too (the agent's data path), so a
+queued order can arrive by MQTT; SMS needs only the radio on.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ class NetworkWatch:
             log.info("SIM %s: the network accepts it again", lc.iccid)
             lc.on_recovered()
             self.reset()
-            self._wake.dirty = True
+            self._wake.interrupt()  # activation runs again at once
         finally:
             sim.probing = False
             await sim.enforce(modem)
@@ -103,3 +106,19 @@ class NetworkWatch:
                 await self._activator.ensure_active(modem)
             except AttemptFailed as exc:
                 log.warning("SIM %s: data context not restored: %s", lc.iccid, exc.reason)
+
+    async def listen(self, modem: Modem) -> None:
+        """A listening window is open (the radio is on): bring the data context up, when the
+        SIM was activated and the agent owns the data path, so a queued order can arrive."""
+        sim = self._sim
+        lc = sim.current()
+        if lc.record.activated_at is None or sim.enforcer.data_path != "agent":
+            return
+        reg = await modem.registration()
+        if reg.state not in ("home", "roaming"):
+            return
+        try:
+            await self._activator.ensure_active(modem)
+        except AttemptFailed as exc:
+            log.warning("SIM %s: no data context to listen for orders: %s", lc.iccid,
+                        exc.reason)

@@ -5,8 +5,10 @@ set-up after attach or a modem reset (``AT+CTZU=1``, the identity for conformanc
 network's time into the :class:`~agent.core.trusted_time.TrustedClock`, the ICCID compared
 canonically (a new SIM opens its own lifecycle, deadline from the manifest; the old one hears
 ``sim-swapped``), the lifecycle's tick and deadline alarms, the conformance verdict, and
-enforcement (:mod:`agent.sim.suspension`): the radio level and data state the lifecycle, the verdict
-and a malfunction ask for, re-applied every round.
+enforcement (:mod:`agent.sim.suspension`): the radio level and data state the lifecycle and the
+verdict ask for, re-applied every round. A malfunction (modem hangs and spontaneous resets) is
+reported, never a reason to keep quiet; a radio held off by a stop-emission order or the
+conformance policy is on during rare listening windows (:mod:`agent.sim.probation`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from agent.sim.conformance import Verdict
 from agent.sim.lifecycle import Lifecycle, LifecycleError, LifecycleRepository, events_emitter
 from agent.sim.manifest import ManifestError, SimEntry, load_manifest
 from agent.sim.notes import KeeperStore
+from agent.sim.probation import Probation
 from agent.sim.shared import FATAL, KeeperError
 from agent.sim.summary import sim_summary
 from agent.sim.suspension import Enforcer, NmMode, Want, plan
@@ -64,6 +67,8 @@ class SimSlot:
         self._nm_tried: NmMode | None = None
         self.next_delay: float | None = None  # the last backoff delay chosen
         self.retired = False  # decommissioned: radio off whatever SIM is in the slot
+        self.probation = Probation(cfg.probation_interval, cfg.probation_window, mono=mono)
+        self.listening = False  # a listening window is open: the held radio is on
 
     @property
     def iccid(self) -> str | None:
@@ -86,9 +91,6 @@ class SimSlot:
     def may_emit(self) -> tuple[bool, str]:
         if self.retired:
             return False, "decommissioned"
-        malfunction = self.guard.malfunction
-        if malfunction is not None:
-            return False, f"malfunction: {malfunction.get('reason')}"
         verdict = self._verdict
         if verdict is not None and not verdict.radio_allowed:
             return False, "terminal does not conform: " + "; ".join(
@@ -219,7 +221,7 @@ class SimSlot:
                     why_not=why, probing=self.probing)
         if self.retired:
             want = Want("off", True, "decommissioned")
-        self.want = want
+        self.want = want = self._listen(want)
         await self.enforcer.apply_modem(modem, want)
         mode = want.nm_mode
         if mode != self._nm_tried:
@@ -228,6 +230,39 @@ class SimSlot:
             if await self.enforcer.apply_nm(mode, previous if previous in (
                     "on", "data-off", "radio-off") else None):
                 self.notes.put("nm_mode", mode)
+
+    def _held_for(self) -> str | None:
+        """Why the radio is held off on evidence that the terminal misbehaves on the air (a
+        way back is kept: listening windows); None when it is not, or for good."""
+        lc = self.lc
+        if self.retired or lc is None or lc.state in ("terminated", "expired"):
+            return None
+        verdict = self._verdict
+        if verdict is not None and not verdict.radio_allowed:
+            return "terminal does not conform"
+        susp = lc.suspension
+        if (lc.state == "suspended" and susp is not None and susp.source == "operator"
+                and susp.scope == "radio"):
+            return "stop-emission order"
+        return None
+
+    def _listen(self, want: Want) -> Want:
+        """``want``, or the radio on while a listening window is open."""
+        why = self._held_for() if want.radio == "low-power" else None
+        listening = self.probation.update(why is not None)
+        if listening != self.listening:
+            self.listening = listening
+            _, until = self.probation.times()
+            if listening:
+                log.warning("radio held off (%s): on until %.0f to listen for orders", why, until)
+                self.emit("listening", iccid=self.iccid, reason=why, until=until)
+            else:
+                log.info("listening window over")
+        if not listening:
+            return want
+        lc = self.lc
+        activated = lc is not None and lc.record.activated_at is not None
+        return Want("on", not activated, f"listening for orders ({why})")
 
     # -- the manifest ------------------------------------------------------------------------
 
@@ -267,12 +302,14 @@ class SimSlot:
             return None
         current = lc is self.lc
         want = self.want if current else None
+        listen_at, listen_until = self.probation.times()
         return sim_summary(
             lc.record, self.notes.notes(lc.iccid), self.clock, current=current,
             verdict=self._verdict if current else None, terminal=self.guard.summary(),
             enforced=None if want is None else {
                 "radio": want.radio, "data_down": want.data_down, "why": want.why,
-                "networkmanager_error": self.enforcer.nm_error},
+                "networkmanager_error": self.enforcer.nm_error,
+                "listen_at": listen_at, "listen_until": listen_until},
             next_delay=self.next_delay if current else None)
 
     def summaries(self) -> list[dict[str, Any]]:

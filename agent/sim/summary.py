@@ -4,12 +4,15 @@
     {"iccid", "current", "state", "deadline", "activated_at", "time_left", "trusted_time",
      "suspension": {"scope", "source", "until", "reason", "since"} | null, "telemetry_allowed",
      "conformance": Verdict.to_json() | null, "terminal": {"list_version", "policy",
-     "list_error", "malfunction"}, "enforced": {"radio", "data_down", "why",
-     "networkmanager_error"} | null, "activation": {"attempts", "last_attempt", "last_error",
-     "next_delay"}, "alarms_sent": [...]}
+     "list_error", "malfunction", "malfunction_signals"}, "enforced": {"radio", "data_down",
+     "why", "networkmanager_error", "listen_at", "listen_until"} | null, "activation":
+     {"attempts", "last_attempt", "last_error", "next_delay"}, "alarms_sent": [...]}
 
 ``time_left`` is null once the SIM was activated (no deadline binds it any more); without trusted
-time it is at most 0 (:meth:`agent.core.trusted_time.TrustedClock.time_left`).
+time it is at most 0 (:meth:`agent.core.trusted_time.TrustedClock.time_left`). ``listen_at`` /
+``listen_until`` (Unix seconds): the next listening window of a radio held off, or the end of the
+one open now (:mod:`agent.sim.probation`); ``malfunction`` is a report (hangs and spontaneous
+resets in the window), never a reason for the radio to be off.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The keeper's side of terminal conformance: the signed list kept current, the verdict, and the
-malfunction latch.
+malfunction report.
 
 - The list (``[conformance] list``, detached signature ``signature`` or ``<list>.sig``, operator
   key ``[commands] operator_key``) is verified with :func:`agent.sim.conformance.load_signed`; the
@@ -7,9 +7,13 @@ malfunction latch.
   replayed file leaves the agent on the list it had.
 - :meth:`TerminalGuard.verdict` judges the modem against it, with the serving country when the
   MCC is known (None without a list: nothing to enforce).
-- Malfunction (terms §14.3): modem resets and command hangs feed a
-  :class:`agent.sim.conformance.MalfunctionDetector`; once tripped the latch is persisted (a restart
-  does not clear it) until :meth:`TerminalGuard.clear_malfunction`, the operator's order.
+- Malfunction (terms §14.3): modem hangs (one per episode, from the first timeout until the modem
+  answers again, however many commands timed out) and spontaneous resets (not the ones the agent
+  asked for: recovery, the ``reset-modem`` order) feed a
+  :class:`agent.sim.conformance.MalfunctionDetector`; once tripped the report is persisted (a
+  restart does not clear it) until :meth:`TerminalGuard.clear_malfunction`, the operator's order.
+  It is a report, not a sentence: the radio stays on (a hang is not misbehaviour on the air, and
+  a gateway with its radio off could never hear the order).
 """
 
 from __future__ import annotations
@@ -133,7 +137,7 @@ class TerminalGuard:
     # -- malfunction -----------------------------------------------------------------------
 
     def record(self, what: str) -> bool:
-        """One modem reset or hang; True when this one trips the latch."""
+        """One hang episode or spontaneous reset; True when this one trips the report."""
         if self.malfunction is not None:
             return False
         if not self.detector.record(self._mono()):
@@ -159,4 +163,5 @@ class TerminalGuard:
             "policy": lst.policy if lst else None,
             "list_error": self.error,
             "malfunction": self.malfunction,
+            "malfunction_signals": self.detector.count(self._mono()),
         }
