@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 from agent.core.store import Store
 from agent.telemetry.ingest import IngestError, IngestServer, parse_line
 from agent.telemetry.outbox import TELEMETRY, Outbox
+from tests.broker import until
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_750_000_000.0
@@ -158,11 +160,18 @@ async def test_oversize_line_is_answered_and_skipped(server: IngestServer, outbo
 async def test_many_clients_are_group_committed(
     server: IngestServer, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Lines that arrive while a commit is under way go together in the next commits (at most
+    ``max_batch`` a commit), not one commit each. The first commit is held on the store's
+    thread until every other line has arrived, so the count does not depend on timing."""
     commits: list[int] = []
+    held, release = threading.Event(), threading.Event()
     real = outbox.add
 
     def counting(items: Any) -> list[str]:
         commits.append(len(items))
+        if len(commits) == 1:
+            held.set()
+            release.wait(timeout=60)
         return real(items)
 
     monkeypatch.setattr(outbox, "add", counting)
@@ -171,10 +180,18 @@ async def test_many_clients_are_group_committed(
         lines = [json.dumps({"topic": f"c/{n}", "data": i}).encode() + b"\n" for i in range(50)]
         return await exchange(server.path, lines)
 
-    results = await asyncio.gather(*(client(n) for n in range(20)))
+    clients = asyncio.gather(*(client(n) for n in range(20)))
+    try:
+        await until(held.is_set, "the first commit under way")
+        await until(lambda: commits[0] + len(server._queue) == 1000,
+                    "every other line queued behind it")
+    finally:
+        release.set()
+    results = await clients
     ids = [a["id"] for answers in results for a in answers]
     assert len(ids) == len(set(ids)) == 1000
-    assert sum(commits) == 1000 and len(commits) <= 25
+    assert sum(commits) == 1000
+    assert len(commits) == 1 + -(-(1000 - commits[0]) // 512)  # max_batch lines a commit
     for n in range(20):  # order kept per client (and so per topic)
         batch = [r for r in outbox.next_batch(TELEMETRY, 2000, 1 << 30) if r.topic == f"c/{n}"]
         assert [json.loads(r.data) for r in batch] == list(range(50))
