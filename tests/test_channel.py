@@ -5,7 +5,7 @@ itself: ``test_channel_recovery.py``.)"""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -19,19 +19,10 @@ from drivers.errors import (
     SimBusy,
     SimPinRequired,
 )
+from tests.broker import until
 from tests.ptypeer import PtyPeer
 
 OK = b"\r\nOK\r\n"
-
-
-async def until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    """Wait for ``condition()`` to hold; ``timeout`` only guards against a hang."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture

@@ -25,19 +25,10 @@ from drivers.errors import CommandTimeout, ModemHung, NotConnected, PortError
 from drivers.modem import Modem
 from drivers.simulator import SimulatedModem
 from drivers.vendors import TELIT
+from tests.broker import until
 from tests.ptypeer import PtyPeer
 
 OK = b"\r\nOK\r\n"
-
-
-async def until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    """Wait for ``condition()`` to hold; ``timeout`` only guards against a hang."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def state(chan: AtChannel) -> str:

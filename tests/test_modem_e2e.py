@@ -3,12 +3,11 @@ real pty, in each personality and under each fault; and `simkeeper modem info` a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,18 +18,9 @@ from drivers.errors import PortError
 from drivers.modem import Modem
 from drivers.parsers.identity import imei_valid
 from drivers.simulator import PERSONALITIES, SimulatedModem
+from tests.broker import until
 
 SIMKEEPER = [sys.executable, "-m", "agent.cli"]
-
-
-async def until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    """Wait for ``condition()`` to hold; ``timeout`` only guards against a hang."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 @asynccontextmanager
