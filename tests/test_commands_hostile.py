@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,7 +103,6 @@ async def test_ten_thousand_hostile_payloads(tmp_path: Path) -> None:
     rng = random.Random(5)
     gens = generators(key, rogue, rng)
     statuses: dict[str, int] = {}
-    started = time.monotonic()
     for i in range(COUNT):
         payload = legit if i % 1000 == 0 else gens[i % len(gens)]()
         res = await proc.handle(payload)
@@ -116,11 +114,9 @@ async def test_ten_thousand_hostile_payloads(tmp_path: Path) -> None:
         else:
             assert res["status"] == "rejected", (payload[:200], res)
         statuses[res["detail"].split(":")[0]] = statuses.get(res["detail"].split(":")[0], 0) + 1
-    elapsed = time.monotonic() - started
     assert spy.calls == []
     assert proc.executed == 1
     assert proc.journal.size() == 1
     assert {"malformed", "unsigned", "bad signature", "unknown command", "bad arguments",
             "replayed", "other device", "expired"} <= statuses.keys(), statuses
-    assert elapsed < 60, elapsed
     store.close()

@@ -248,12 +248,22 @@ async def test_sigkill_while_suspended_comes_back_suspended(tmp_path: Path,
         state = await agent.wait_state(lambda s: s["state"] == "suspended", "suspended")
         assert state["suspension"]["scope"] == "radio"
         assert state["suspension"]["source"] == "operator"
-        await asyncio.sleep(3)  # three keeper rounds: nothing turns the radio on
+        # Three whole keeper rounds: each starts with the SIM check (AT+QCCID, sent by nothing
+        # else once the modem is set up) and ends with the radio and data enforcement, so the
+        # fourth check means the third round is over. None of them turns the radio on.
+        seen = len(sim.commands)
+        await until(lambda: sim.commands[seen:].count("AT+QCCID") >= 4, "three keeper rounds")
         assert "AT+CFUN=1" not in sim.commands and sim.state.radio == 4
         resume = make_envelope(key, DEVICE, "resume")
         assert (await send_command(broker.port, resume))["status"] == "ok"
         await until(lambda: "AT+CFUN=1" in sim.commands, "the radio on after the resume")
         await agent.wait_state(lambda s: s["state"] == "active", "active again")
+
+        def back_active() -> bool:  # resume, then activation again: every event of it is here
+            kinds = [t["kind"] for t in transitions(sub)]
+            return "resume" in kinds and "activation-succeeded" in kinds[kinds.index("resume"):]
+
+        await until(back_active, "the events of the resume and the activation after it")
         assert_chained(transitions(sub))
 
 
@@ -282,6 +292,9 @@ async def test_1970_boot_clock_activates_now_and_never_expires(tmp_path: Path,
         sim.set_network("home")
         state = await agent.wait_state(lambda s: s["state"] == "active", "activation")
         assert state["activated_at"] is not None
+        # Events reach the broker in order: with the activation's, every earlier one is here.
+        await until(lambda: any(t["to"] == "active" for t in transitions(sub)),
+                    "the activation event")
         steps = transitions(sub)
     assert not any(t["to"] == "expired" for t in steps)
 
@@ -297,13 +310,19 @@ async def test_clock_jump_past_the_deadline_does_not_expire_unless_provable(
         sim.set_network("searching")  # never activated: only the deadline decides
 
     async with lifecycle_rig(tmp_path, broker, extra=pin, wall=time.time(),
-                             before=before) as (agent, _sim, _sub):
+                             before=before) as (agent, _sim, sub):
         await online(broker.port)
+        await agent.wait_state(lambda s: True, "the SIM known (an order needs one)")
         order = make_envelope(key, DEVICE, "set-activation-deadline", {"deadline": deadline})
         assert (await send_command(broker.port, order))["status"] == "ok"
         await agent.wait_state(lambda s: s["deadline"] == deadline, "the deadline")
+        jumped = time.time() + 5 * 86400
         agent.jump.write_text(str(10 * 86400))  # the system clock jumps ten days ahead
-        await asyncio.sleep(1.0)
+        # The daemon stamps events with its system clock (no trusted time here): a failed
+        # attempt stamped past the jump shows the daemon reads the new time, and its lifecycle
+        # tick right after it (and every later one) judged the deadline on it.
+        await until(lambda: any(t["kind"] == "activation-failed" and t["ts"] >= jumped
+                                for t in transitions(sub)), "an attempt on the jumped clock")
         attempts = (await agent.sim_state() or {})["activation"]["attempts"]
         state = await agent.wait_state(
             lambda s: s["activation"]["attempts"] >= attempts + 2, "more keeper rounds")

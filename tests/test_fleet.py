@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,13 +20,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.cli import main
 from agent.commands.processor import CommandProcessor, mqtt_callback
 from agent.core.store import Store
+from agent.fleet import watch
 from agent.fleet.mqtt import BrokerOptions
 from agent.fleet.send import send
 from agent.telemetry.batch import encode_entries
 from agent.telemetry.mqtt import MqttUplink
 from agent.telemetry.outbox import Outbox
 from provisioning.keys import private_pem, public_pem
-from tests.broker import Broker, uplink_settings, wait_until
+from tests.broker import WAIT, Broker, Subscriber, until, uplink_settings, wait_until
 from tests.test_commands import FakeClock, Spy
 
 ICCID = "8981100005819480014"
@@ -70,7 +72,7 @@ async def devices(broker: Broker, tmp_path: Path, key: Ed25519PrivateKey, names:
             for s, n in zip(stores, names, strict=True)]
     try:
         for d in devs:
-            await asyncio.to_thread(wait_until, lambda d=d: d.ready, 10.0, "device subscribed")
+            await asyncio.to_thread(wait_until, lambda d=d: d.ready, WAIT, "device subscribed")
         yield devs
     finally:
         for d in devs:
@@ -119,8 +121,10 @@ async def test_send_refused_and_timeout_exit_1(broker: Broker, tmp_path: Path,
     listed = tmp_path / "fleet.txt"
     listed.write_text("# the fleet\ngw-0001\n\ngw-0002\n")
     async with devices(broker, tmp_path, Ed25519PrivateKey.generate(), ["gw-0001"], spy):
+        # The timeout also bounds the CONNACK, the SUBACK and gw-0001's answer: long enough
+        # for a loaded machine (gw-0002's timeout is the test's run time, so not WAIT).
         code = await run_cli(cli(broker, "send", "--all", str(listed), "resume", "--key",
-                                 str(key_file), "--timeout", "1"))
+                                 str(key_file), "--timeout", "5"))
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert code == 1
     assert [(r["device"], r["status"]) for r in lines] == [("gw-0001", "rejected"),
@@ -156,14 +160,14 @@ async def test_every_command_end_to_end(broker: Broker, tmp_path: Path,
     async with devices(broker, tmp_path, key, ["gw-0001"], spy):
         for name, args in commands:
             [outcome] = await asyncio.to_thread(send, opts, key, ["gw-0001"], name, args,
-                                                timeout=10)
+                                                timeout=WAIT)
             assert outcome.ok, outcome
         [rotated] = await asyncio.to_thread(
             send, opts, key, ["gw-0001"], "rotate-key",
-            {"public_key": public_pem(nxt.public_key()).decode()}, timeout=10)
+            {"public_key": public_pem(nxt.public_key()).decode()}, timeout=WAIT)
         assert rotated.ok, rotated
-        [old] = await asyncio.to_thread(send, opts, key, ["gw-0001"], "resume", {}, timeout=10)
-        [new] = await asyncio.to_thread(send, opts, nxt, ["gw-0001"], "resume", {}, timeout=10)
+        [old] = await asyncio.to_thread(send, opts, key, ["gw-0001"], "resume", {}, timeout=WAIT)
+        [new] = await asyncio.to_thread(send, opts, nxt, ["gw-0001"], "resume", {}, timeout=WAIT)
     assert old.result is not None and old.result["detail"].startswith("unknown key")
     assert new.ok
     assert [c[0] for c in spy.calls] == [n for n, _ in commands] + ["resume"]
@@ -174,26 +178,25 @@ async def test_hostile_payloads_through_the_broker(broker: Broker, tmp_path: Pat
                                                    ) -> None:
     key, _ = operator
     spy = Spy()
-    results: list[bytes] = []
-    sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    sub.on_message = lambda _c, _u, m: results.append(bytes(m.payload))
-    sub.connect("127.0.0.1", broker.port)
-    sub.subscribe("simkeeper/gw-0001/cmd/result", qos=1)
-    sub.loop_start()
+    # Subscribed (SUBACK back) before the first payload goes, as the device is (devices()).
+    sub = await asyncio.to_thread(Subscriber, broker.port, "simkeeper/gw-0001/cmd/result")
     payloads = [b"", b"\x00" * 100, b"[" * 10000, b'{"sig":"x"}', b"null", b"\xff" * 70000]
-    async with devices(broker, tmp_path, key, ["gw-0001"], spy):
-        await asyncio.sleep(0.2)
-        pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        pub.connect("127.0.0.1", broker.port)
-        pub.loop_start()
-        for p in payloads:
-            pub.publish("simkeeper/gw-0001/cmd", p, qos=1).wait_for_publish(5)
-        await asyncio.to_thread(wait_until, lambda: len(results) == len(payloads), 10.0,
-                                "every payload answered")
-        pub.disconnect()
-        pub.loop_stop()
-    sub.disconnect()
-    sub.loop_stop()
+    try:
+        async with devices(broker, tmp_path, key, ["gw-0001"], spy):
+            pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+            pub.connect("127.0.0.1", broker.port)
+            pub.loop_start()
+            for p in payloads:
+                pub.publish("simkeeper/gw-0001/cmd", p, qos=1).wait_for_publish(WAIT)
+            # Every payload answered: the processor has been through all of them.
+            await until(lambda: len(sub.on("cmd/result")) == len(payloads),
+                        "every payload answered")
+            pub.disconnect()
+            pub.loop_stop()
+        results = [m.payload for m in sub.on("cmd/result")]
+    finally:
+        sub.close()
+    assert len(results) == len(payloads)
     assert all(json.loads(r)["status"] == "rejected" for r in results)
     assert spy.calls == []
 
@@ -207,7 +210,26 @@ async def test_keygen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert await run_cli(["fleet", "keygen", "--out", str(out)]) == 1  # never overwrites
 
 
-async def test_watch_once(broker: Broker, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_watch_once(broker: Broker, capsys: pytest.CaptureFixture[str],
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[watch.Watcher] = []
+    release = threading.Event()
+
+    class HeldWatcher(watch.Watcher):
+        """The CLI's watcher, as the test sees it: ``settle`` (the CLI's rule for "the retained
+        messages are in": a quiet spell) begins only on ``release``, so the live usage the test
+        publishes cannot miss the table on a slow machine."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def settle(self, *args: Any, **kwargs: Any) -> None:
+            if not release.wait(WAIT):
+                raise TimeoutError("the test never released the watcher")
+            super().settle(*args, **kwargs)
+
+    monkeypatch.setattr(watch, "Watcher", HeldWatcher)
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
@@ -223,10 +245,23 @@ async def test_watch_once(broker: Broker, capsys: pytest.CaptureFixture[str]) ->
         ("simkeeper/gw-0001/state", json.dumps(state).encode(), True),
         ("simkeeper/gw-0002/status", b"offline", True),
     ]:
-        pub.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+        pub.publish(topic, payload, qos=1, retain=retain).wait_for_publish(WAIT)
     code_task = asyncio.create_task(run_cli(cli(broker, "watch", "--once")))
-    await asyncio.sleep(0.1)
-    pub.publish("simkeeper/gw-0001/usage", batch.payload, qos=1).wait_for_publish(5)
+    try:
+        # The usage is not retained: publish it once the watcher's SUBACK is back.
+        await until(lambda: bool(made) and made[0].subscribed.is_set(),
+                    "the watcher's subscription")
+        watcher = made[0]
+        pub.publish("simkeeper/gw-0001/usage", batch.payload, qos=1).wait_for_publish(WAIT)
+
+        def usage_seen() -> bool:
+            with watcher.lock:
+                dev = watcher.devices.get("gw-0001")
+                return dev is not None and dev.usage is not None
+
+        await until(usage_seen, "the usage at the watcher")
+    finally:
+        release.set()
     assert await code_task == 0
     pub.disconnect()
     pub.loop_stop()
@@ -260,7 +295,7 @@ async def test_daemon_wiring_with_the_real_uplink(broker: Broker, tmp_path: Path
     try:
         await uplink.wait_ready()
         [outcome] = await asyncio.to_thread(send, BrokerOptions(port=broker.port), key,
-                                            ["gw-0001"], "get-state", {}, timeout=10)
+                                            ["gw-0001"], "get-state", {}, timeout=WAIT)
     finally:
         await uplink.stop()
         store.close()

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
+import socket
+import threading
+import time
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from agent.telemetry.batch import ZLIB_MAGIC, decode_batch
@@ -55,6 +61,91 @@ async def start(running: list[MqttUplink], uplink: MqttUplink) -> MqttUplink:
     return uplink
 
 
+_flushes = itertools.count()
+
+
+async def flushed(uplink: MqttUplink, sub: Subscriber) -> None:
+    """Wait until all that ``uplink`` published so far has reached ``sub``: a ``state`` marker
+    published after it, on the same connection, has (the broker passes one client's messages
+    on in order). Then "nothing more arrived" means nothing more was sent."""
+    mark = f"flush-{next(_flushes)}"
+    uplink.publish_state({"flush": mark})
+    await until(
+        lambda: any(json.loads(m.payload).get("flush") == mark for m in sub.on("state")),
+        "the flush marker",
+    )
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int] | None:
+    """An MQTT variable byte integer at ``data[at:]``: (value, end), or None if cut short."""
+    value, shift = 0, 0
+    while at < len(data):
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+    return None
+
+
+class CountingRelay(Relay):
+    """A :class:`Relay` that knows which readings reached the broker: it decodes every whole
+    PUBLISH on ``telemetry`` that it passes up (what ``hold_up`` drops never counts)."""
+
+    def __init__(self, upstream: int) -> None:
+        self._lock = threading.Lock()
+        self._forwarded: set[str] = set()
+        super().__init__(upstream)
+
+    def forwarded(self) -> set[str]:
+        with self._lock:
+            return set(self._forwarded)
+
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, up: bool, done: threading.Event
+    ) -> None:
+        if not up:
+            super()._pump(src, dst, up, done)
+            return
+        mqtt5 = self.levels[-1] == 5  # this connection's CONNECT, recorded by handle()
+        buffer = b""
+        try:
+            while data := src.recv(65536):
+                if self.hold_up:
+                    continue
+                dst.sendall(data)
+                self.bytes_up += len(data)
+                buffer = self._count(buffer + data, mqtt5)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            done.set()
+
+    def _count(self, buffer: bytes, mqtt5: bool) -> bytes:
+        """Count the readings of each whole packet in ``buffer``; returns the unfinished rest."""
+        while (header := _varint(buffer, 1)) is not None and len(buffer) >= sum(header):
+            length, start = header
+            end = start + length
+            first, body, buffer = buffer[0], buffer[start:end], buffer[end:]
+            if first >> 4 != 3:  # not a PUBLISH
+                continue
+            topic_end = 2 + int.from_bytes(body[:2], "big")
+            at = topic_end + (2 if (first >> 1) & 3 else 0)  # the packet id of QoS 1 and 2
+            if mqtt5:
+                properties = _varint(body, at)
+                assert properties is not None
+                at = sum(properties)
+            if body[2:topic_end].endswith(b"/telemetry"):
+                ids = {r["id"] for r in decode_batch(body[at:])["readings"]}
+                with self._lock:
+                    self._forwarded |= ids
+        return buffer
+
+
 def per_topic_order_ok(readings: list[dict[str, Any]]) -> bool:
     last: dict[str, int] = {}
     for r in readings:
@@ -72,6 +163,7 @@ async def test_readings_arrive_once_each_in_order(
     uplink = await start(running, MqttUplink(uplink_settings(broker.port), "gw-test", outbox))
     await until(lambda: outbox.depth() == (0, 0), "the outbox to drain")
     await until(lambda: len(sub.readings()) >= len(ids), "every reading at the subscriber")
+    await flushed(uplink, sub)  # a duplicate sent late would be here now
     got = sub.readings()
     assert [r["id"] for r in got] == ids  # once each, and in outbox order
     assert per_topic_order_ok(got)
@@ -83,26 +175,26 @@ async def test_readings_arrive_once_each_in_order(
 async def test_broker_killed_repeatedly_mid_stream_loses_nothing(
     broker: Broker, sub: Subscriber, outbox: Outbox, running: list[MqttUplink]
 ) -> None:
-    relay = Relay(broker.port)  # held closed while the subscriber resubscribes
+    relay = CountingRelay(broker.port)  # held closed while the subscriber resubscribes
     settings = uplink_settings(relay.port, batch_max_count=10, rate_messages_per_minute=6000)
     uplink = await start(running, MqttUplink(settings, "gw-test", outbox, window=4))
     ids: list[str] = []
     kills = 4
 
-    def acked_reached_subscriber() -> bool:
-        waiting = {r.id for r in outbox.next_batch("telemetry", 1 << 20, 1 << 40)}
-        return set(ids) - waiting <= {r["id"] for r in sub.readings()}
+    def broker_has_passed_everything_on() -> bool:
+        return relay.forwarded() <= {r["id"] for r in sub.readings()}
 
     try:
         for _ in range(kills):
             ids += fill(outbox, 300)
             await until(lambda: outbox.depth()[0] < 200, "part of the backlog to go")
             # The broker has no persistence: what it acknowledged but had not yet passed on
-            # would die with it, a loss of the test's cloud, not of the agent. So let what it
-            # acknowledged reach the subscriber while the batches in flight stay unacknowledged,
-            # then kill it.
+            # would die with it, a loss of the test's cloud, not of the agent. So cut what the
+            # uplink sends, let all that the broker got reach the subscriber (not only what it
+            # acknowledged so far: a PUBACK still on its way would count later) while the
+            # batches in flight stay unacknowledged, then kill it.
             relay.hold_up = True
-            await until(acked_reached_subscriber, "acknowledged readings to reach the subscriber")
+            await until(broker_has_passed_everything_on, "what the broker got, at the subscriber")
             relay.paused = True
             seen = sub.subscriptions
             broker.kill()  # SIGKILL: in-flight batches never get their PUBACK
@@ -115,10 +207,12 @@ async def test_broker_killed_repeatedly_mid_stream_loses_nothing(
             relay.paused = relay.hold_up = False
         await until(lambda: outbox.depth() == (0, 0), "the outbox to drain")
         await until(lambda: {r["id"] for r in sub.readings()} >= set(ids), "every reading")
+        await flushed(uplink, sub)  # every duplicate sent is counted below
     finally:
         relay.close()
     got = [r["id"] for r in sub.readings()]
     assert set(got) == set(ids)  # nothing lost
+    assert relay.forwarded() == set(ids)  # and the relay's count, waited on above, is sound
     dupes = sum(n - 1 for n in Counter(got).values())
     # Only batches in flight at a kill come twice: at most window x batch size per kill.
     assert dupes <= kills * 4 * 10
@@ -137,7 +231,9 @@ async def test_retained_state_online_and_offline_on_stop(
     late = Subscriber(broker.port, TOPICS)  # joins afterwards: sees only retained messages
     try:
         await until(
-            lambda: any(json.loads(m.payload)["n"] == 2 for m in late.on("state")), "state n=2"
+            lambda: any(json.loads(m.payload)["n"] == 2 for m in late.on("state"))
+            and bool(late.on("status")),
+            "the retained state n=2 and status",
         )
         assert [m.payload for m in late.on("status")] == [b"online"]
         assert all(m.retain for m in late.on("state") + late.on("status"))
@@ -178,10 +274,14 @@ async def test_telemetry_gate_holds_readings_but_not_events_state_or_commands(
     await until(lambda: len(sub.on("state")) == 1, "the state")
     sub.client.publish("simkeeper/gw-test/cmd", b"resume", qos=1)
     await until(lambda: commands == [b"resume"], "the command")
-    # The drainer woke for the events (added after the telemetry) and sent none of it.
+    # The drainer woke for the events (added after the telemetry) and, right after sending
+    # them, looked at the telemetry again. A marker event added only now goes after anything it
+    # let through then, on the same connection: once the marker is here, so would that be.
+    marker = fill(outbox, 1, ("marker",), stream="events")
+    await until(lambda: len(sub.readings("events")) == len(events) + 1, "the marker event")
     assert sub.readings("telemetry") == []
     assert outbox.depth("telemetry")[0] == len(telemetry)
-    assert [r["id"] for r in sub.readings("events")] == events
+    assert [r["id"] for r in sub.readings("events")] == events + marker
     uplink.set_telemetry_allowed(True)
     await until(lambda: len(sub.readings("telemetry")) == len(telemetry), "telemetry after resume")
 
@@ -198,6 +298,7 @@ async def test_allow_hook_drops_throttled_readings(
     )
     await until(lambda: outbox.depth() == (0, 0), "the outbox to empty")
     await until(lambda: len(sub.readings()) == 30, "the vital readings")
+    await flushed(uplink, sub)  # a noisy reading sent would be here now
     assert {r["topic"] for r in sub.readings()} == {"vital"}
     assert [r["id"] for r in sub.readings()] == ids[1::2]
     assert uplink.stats.filtered == 30
@@ -207,8 +308,9 @@ async def test_compressed_batches_decode(
     broker: Broker, sub: Subscriber, outbox: Outbox, running: list[MqttUplink]
 ) -> None:
     ids = fill(outbox, 200)
-    await start(running, MqttUplink(uplink_settings(broker.port), "gw-test", outbox))
+    uplink = await start(running, MqttUplink(uplink_settings(broker.port), "gw-test", outbox))
     await until(lambda: len(sub.readings()) == 200, "the readings")
+    await flushed(uplink, sub)  # nothing sent twice
     payloads = [m.payload for m in sub.on("telemetry")]
     assert all(p[0] == ZLIB_MAGIC for p in payloads)  # 20 similar readings compress well
     assert all(len(p) < len(zlib.decompress(p)) for p in payloads)
@@ -216,17 +318,29 @@ async def test_compressed_batches_decode(
 
 
 async def test_rate_limit_holds_in_every_window(
-    broker: Broker, sub: Subscriber, outbox: Outbox, running: list[MqttUplink]
+    broker: Broker, sub: Subscriber, outbox: Outbox, running: list[MqttUplink],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # 240 messages/min = 4/s with a burst of 4: over any 1 s window at most 4 + 4 (+1 for
-    # delivery jitter). Only an upper bound: a slow machine can only do better.
+    # 240 messages/min = 4/s with a burst of 4: over any 1 s window at most 4 + 4 go out (+1
+    # for the instant between the limiter's clock reading and the publish call). Timed where
+    # the uplink hands each batch to paho, on the limiter's own clock (time.monotonic): arrival
+    # times at a subscriber can bunch up on a loaded machine, send times only spread out.
+    sent: list[float] = []
+    publish = mqtt.Client.publish
+
+    def timed(client: mqtt.Client, topic: str, *args: Any, **kwargs: Any) -> Any:
+        if topic == "simkeeper/gw-test/telemetry":
+            sent.append(time.monotonic())
+        return publish(client, topic, *args, **kwargs)
+
+    monkeypatch.setattr(mqtt.Client, "publish", timed)
     settings = uplink_settings(broker.port, batch_max_count=2, rate_messages_per_minute=240)
-    fill(outbox, 40)
+    ids = fill(outbox, 40)
     await start(running, MqttUplink(settings, "gw-test", outbox))
     await until(lambda: len(sub.readings()) == 40, "the readings")
-    times = [m.at for m in sub.on("telemetry")]
-    assert len(times) == 20
-    worst = max(sum(1 for t in times if start_t <= t < start_t + 1.0) for start_t in times)
+    assert [r["id"] for r in sub.readings()] == ids
+    assert len(sent) == len(sub.on("telemetry")) == 20
+    worst = max(sum(1 for t in sent if start_t <= t < start_t + 1.0) for start_t in sent)
     assert worst <= 9
 
 
@@ -295,19 +409,25 @@ async def test_a_backlog_tail_goes_at_once_a_fresh_partial_batch_waits(
 ) -> None:
     """The latency of a partial batch counts from its oldest reading's commit: after an outage
     the last partial batch of a backlog is not held back again."""
-    import time
-
     from agent.core.store import Store
 
-    committed_at = [time.time() - 60.0]  # committed a minute ago, while the link was down
+    # A latency far beyond any wait of the test: the tail arriving at all shows it was not held
+    # back, and no slow machine can make the fresh batch legitimately due.
+    latency = 600.0
+    committed_at = [time.time() - 2 * latency]  # committed long ago, while the link was down
     outbox = Outbox(Store(tmp_path / "db"), max_bytes=1 << 20, max_age=86400.0,
                     clock=lambda: committed_at[0])
     old = fill(outbox, 3)
-    settings = uplink_settings(broker.port, batch_max_latency=30.0)
+    settings = uplink_settings(broker.port, batch_max_latency=latency)
     await start(running, MqttUplink(settings, "gw-test", outbox))
     await until(lambda: [r["id"] for r in sub.readings()] == old, "the backlog's tail")
     committed_at[0] = time.time()
-    fill(outbox, 2)  # fresh readings: a partial batch that waits for more, up to 30 s
-    await asyncio.sleep(1.0)
+    fresh = fill(outbox, 2)  # fresh readings: a partial batch that waits for more
+    # Two events (they never wait), the second added once the first arrived: the drainer
+    # looked at the telemetry right after sending the first, and anything it sent then went
+    # out before the second, on the same connection.
+    for n in (1, 2):
+        fill(outbox, 1, ("marker",), stream="events")
+        await until(lambda n=n: len(sub.readings("events")) == n, f"marker event {n}")
     assert [r["id"] for r in sub.readings()] == old
-    assert outbox.depth() == (2, outbox.depth()[1])
+    assert outbox.depth("telemetry")[0] == len(fresh)
