@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.cli import main
-from agent.commands.processor import CommandProcessor, mqtt_callback
+from agent.commands.inbox import CommandInbox
+from agent.commands.processor import CommandProcessor
 from agent.core.store import Store
 from agent.fleet import watch
 from agent.fleet.mqtt import BrokerOptions
@@ -289,14 +290,17 @@ async def test_daemon_wiring_with_the_real_uplink(broker: Broker, tmp_path: Path
         assert uplink is not None
         uplink.publish_result(result)
 
+    inbox = CommandInbox(proc, publish)
     uplink = MqttUplink(uplink_settings(broker.port, client_id="gw-0001"), "gw-0001", outbox,
-                        on_command=mqtt_callback(proc, publish))
+                        on_command=inbox.put)
     await uplink.start()
+    answering = asyncio.create_task(inbox.run())
     try:
         await uplink.wait_ready()
         [outcome] = await asyncio.to_thread(send, BrokerOptions(port=broker.port), key,
                                             ["gw-0001"], "get-state", {}, timeout=WAIT)
     finally:
+        answering.cancel()
         await uplink.stop()
         store.close()
     assert outcome.ok and outcome.result is not None

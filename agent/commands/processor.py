@@ -252,23 +252,6 @@ class CommandProcessor:
         return f"operator key {new.kid} installed; retired {old}"
 
 
-def mqtt_callback(processor: CommandProcessor,
-                  publish: Callable[[Result], None]) -> Callable[[bytes], None]:
-    """``MqttUplink(on_command=...)``: each payload handled in a task on the running loop, its
-    result handed to ``publish`` (``uplink.publish_result``)."""
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def answer(payload: bytes) -> None:
-        publish(await processor.handle(payload))
-
-    def callback(payload: bytes) -> None:
-        task = asyncio.get_running_loop().create_task(answer(payload))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    return callback
-
-
 class _Answer(Exception):
     """Control flow: the answer is already known (a repeat)."""
 
