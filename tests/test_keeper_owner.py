@@ -29,3 +29,28 @@ async def test_only_the_supervisor_stops_a_supervised_keeper(tmp_path: Path) -> 
         finally:
             await supervisor.stop()
         assert "sim-keeper" not in supervisor.status()
+
+
+async def test_the_summaries_are_read_once_per_change_not_per_look(tmp_path: Path) -> None:
+    """The runtime row and the retained state compare the summaries every second; they are
+    read from the store when the keeper changed something, not on every look."""
+    async with rig(tmp_path, probe=refused_probe()) as r:
+        await until(lambda: r.keeper.iccid == ICCID, what="running")
+        reads = 0
+        real = r.keeper._sim.summaries
+
+        def counted() -> list[dict[str, object]]:
+            nonlocal reads
+            reads += 1
+            return real()
+
+        r.keeper._sim.summaries = counted  # type: ignore[method-assign]
+        # From here on no await: no keeper round can change anything in between.
+        r.keeper._changed()
+        first = r.keeper.summaries()
+        for _ in range(50):
+            assert r.keeper.summaries() is first
+        assert reads == 1
+        r.keeper.suspend("telemetry")  # an order: the summaries change
+        assert r.keeper.summaries()[0]["suspension"]["scope"] == "telemetry"
+        assert reads == 2

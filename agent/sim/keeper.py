@@ -64,6 +64,8 @@ __all__ = ["KeeperChannel", "KeeperError", "SimKeeper", "default_probe"]
 
 log = logging.getLogger(__name__)
 
+SUMMARY_MAX_AGE = 10.0  # seconds a summary read from the store is shown without a change
+
 _TIME_URCS = ("+CTZV", "+CTZE", "+QLTS", "+NITZ", "+CTZEU")
 _REG_URCS = ("+CREG", "+CGREG", "+CEREG", "+C5GREG", "+CGEV")
 
@@ -93,6 +95,8 @@ class SimKeeper:
         conf = conformance or ConformanceConfig()
         self._emit_raw = emit
         self._on_change = on_change
+        self._summaries: list[dict[str, Any]] | None = None  # until the next change...
+        self._summaries_at = 0.0  # ...or SUMMARY_MAX_AGE (monotonic seconds)
         notes = KeeperStore(store)
         self.clock = clock or TrustedClock(anchor=load_anchor(store),
                                            persist=lambda a: save_anchor(store, a))
@@ -233,9 +237,11 @@ class SimKeeper:
         return self._wake.dirty
 
     def _kick(self) -> None:
+        self._summaries = None  # an order or a new modem: the summaries change
         self._wake.kick()
 
     def _changed(self) -> None:
+        self._summaries = None
         try:
             self._on_change()
         except Exception:
@@ -368,5 +374,11 @@ class SimKeeper:
         return self._sim.summary(iccid)
 
     def summaries(self) -> list[dict[str, Any]]:
-        """Every SIM this store has seen, the current one first."""
-        return self._sim.summaries()
+        """Every SIM this store has seen, the current one first: read from the store once per
+        change (each keeper round, order or attach) and at least every
+        :data:`SUMMARY_MAX_AGE` seconds (attempts within a round), not every time the state is
+        compared; ``time_left`` is as of that read."""
+        now = time.monotonic()
+        if self._summaries is None or now - self._summaries_at > SUMMARY_MAX_AGE:
+            self._summaries, self._summaries_at = self._sim.summaries(), now
+        return self._summaries
