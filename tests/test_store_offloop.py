@@ -32,6 +32,8 @@ from agent.sim.lifecycle import LifecycleRepository, SimRecord, events_emitter
 from agent.sim.notes import KeeperStore
 from agent.telemetry.events import Events
 from agent.telemetry.outbox import EVENTS, TELEMETRY, Outbox
+from drivers.channel import AtChannel
+from drivers.simulator import SimulatedModem
 from provisioning.keys import public_pem
 from tests.broker import until
 
@@ -304,3 +306,22 @@ async def test_an_order_whose_write_fails_is_answered_failed(rig: Rig) -> None:
     assert answer["status"] == "failed", answer
     assert "not saved" in answer["detail"] and "keeper note order" in answer["detail"]
     assert (await proc.handle(payload)) == answer  # the journal has the true answer
+
+
+async def test_the_modem_is_answered_while_a_commit_waits_for_the_disk(rig: Rig) -> None:
+    """An AT round trip, the thing an SD card's fsync used to stall, completes while an event's
+    commit is held."""
+    async with SimulatedModem(personality="quectel") as sim:
+        channel = await AtChannel.open(sim.path, timeout=WAIT)
+        try:
+            rig.held.arm()
+            rig.events.emit("probe", n=2)  # queued; its commit is held below
+            await until(rig.held.entered.is_set, "the event's commit to start", WAIT)
+            lines = await channel.command("AT+CSQ")
+            assert rig.held.inside, "the commit ended before the modem was answered"
+            assert any(line.startswith("+CSQ:") for line in lines)
+            rig.held.release.set()
+            await rig.flush()
+            assert [e["n"] for e in rig.events_of("probe")] == [2]
+        finally:
+            await channel.close()
