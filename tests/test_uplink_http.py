@@ -89,6 +89,9 @@ class RecordingOutbox:
     async def fetch(self, stream: str, max_count: int, max_bytes: int) -> list[Reading]:
         return await self.inner.fetch(stream, max_count, max_bytes)
 
+    def depth(self, stream: str | None = None) -> tuple[int, int]:
+        return self.inner.depth(stream)
+
     def add_listener(self, callback: Callable[[], None]) -> Callable[[], None]:
         return self.inner.add_listener(callback)
 

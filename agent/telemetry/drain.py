@@ -34,6 +34,7 @@ class OutboxLike(Protocol):
 
     async def fetch(self, stream: str, max_count: int, max_bytes: int) -> Sequence[Reading]: ...
     def ack_soon(self, ids: Sequence[str]) -> None: ...
+    def depth(self, stream: str | None = None) -> tuple[int, int]: ...
     def add_listener(self, callback: Callable[[], None]) -> Callable[[], None]: ...
 
 
@@ -220,7 +221,9 @@ class Drainer:
         now = self._clock()
         next_due: float | None = None
         for stream in STREAMS:
-            readings = await self._fetch(stream) if self._open(stream) else []
+            # An empty stream (the outbox counts in memory) costs no trip to the store's thread.
+            wanted = self._open(stream) and self._outbox.depth(stream)[0] > 0
+            readings = await self._fetch(stream) if wanted else []
             if not readings:
                 self._pending_since.pop(stream, None)
                 continue
