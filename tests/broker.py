@@ -330,8 +330,10 @@ class Relay(_Server):
             done.wait(WAIT)
 
     def _pump(
-        self, src: socket.socket, dst: socket.socket, up: bool, done: threading.Event
+        self, src: socket.socket, dst: socket.socket, up: bool, done: threading.Event,
+        on_up: Callable[[bytes], None] | None = None,
     ) -> None:
+        """Forward ``src`` to ``dst``; ``on_up`` sees each chunk passed up to the broker."""
         try:
             while data := src.recv(65536):
                 if up and self.hold_up:
@@ -339,6 +341,8 @@ class Relay(_Server):
                 dst.sendall(data)
                 if up:
                     self.bytes_up += len(data)
+                    if on_up is not None:
+                        on_up(data)
                 else:
                     self.bytes_down += len(data)
         except OSError:

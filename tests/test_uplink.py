@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import socket
@@ -11,7 +10,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,27 +102,20 @@ class CountingRelay(Relay):
             return set(self._forwarded)
 
     def _pump(
-        self, src: socket.socket, dst: socket.socket, up: bool, done: threading.Event
+        self, src: socket.socket, dst: socket.socket, up: bool, done: threading.Event,
+        on_up: Callable[[bytes], None] | None = None,
     ) -> None:
         if not up:
             super()._pump(src, dst, up, done)
             return
         mqtt5 = self.levels[-1] == 5  # this connection's CONNECT, recorded by handle()
         buffer = b""
-        try:
-            while data := src.recv(65536):
-                if self.hold_up:
-                    continue
-                dst.sendall(data)
-                self.bytes_up += len(data)
-                buffer = self._count(buffer + data, mqtt5)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            done.set()
+
+        def count(data: bytes) -> None:
+            nonlocal buffer
+            buffer = self._count(buffer + data, mqtt5)
+
+        super()._pump(src, dst, up, done, on_up=count)
 
     def _count(self, buffer: bytes, mqtt5: bool) -> bytes:
         """Count the readings of each whole packet in ``buffer``; returns the unfinished rest."""
