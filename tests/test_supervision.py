@@ -164,3 +164,37 @@ async def test_a_command_flood_is_refused_beyond_the_limit() -> None:
         assert [r["id"] for r in results] == ["0", "1", "marker"]
     finally:
         await sup.stop()
+
+
+async def test_stop_waits_for_a_part_cancelled_before() -> None:
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0)  # its own clean-up takes a turn of the loop
+            ended.set()
+
+    sup = Supervisor(0.01, 0.05)
+    sup.spawn("sms commands", work)
+    await asyncio.wait_for(started.wait(), 30)
+    sup.cancel("sms commands")  # the modem went away
+    await sup.stop()
+    assert ended.is_set()
+
+
+async def test_a_part_waiting_to_restart_is_not_shown_running() -> None:
+    failed = asyncio.Event()
+
+    async def work() -> None:
+        failed.set()
+        raise RuntimeError("boom")
+
+    sup = Supervisor(30.0, 60.0)
+    sup.spawn("p", work)
+    await asyncio.wait_for(failed.wait(), 30)
+    await until(lambda: sup.status()["p"]["restarts"] == 1, "the failure noted")
+    assert sup.status()["p"]["running"] is False
+    await sup.stop()

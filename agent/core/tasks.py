@@ -47,7 +47,6 @@ async def retry_forever(
     backoff: Backoff,
     *,
     on_error: Callable[[Exception], None] | None = None,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> NoReturn:
     """Run ``attempt()`` again and again, ``backoff`` apart. An exception is handed to
     ``on_error`` (or logged) and the loop goes on; only cancellation ends it. The backoff
@@ -64,14 +63,14 @@ async def retry_forever(
                 on_error(exc)
         if loop.time() - started > backoff.cap:
             backoff.reset()
-        await sleep(backoff.next_delay())
+        await asyncio.sleep(backoff.next_delay())
 
 
 @dataclass(slots=True)
 class TaskStatus:
     """What ``status`` shows of one supervised part."""
 
-    running: bool = True
+    running: bool = True  # False while it waits out the backoff before a restart
     restarts: int = 0
     last_error: str | None = None
     last_error_at: float | None = None  # Unix seconds
@@ -95,6 +94,7 @@ class Supervisor:
                  wall: Callable[[], float] = time.time) -> None:
         self._restart = (restart_min, restart_max)
         self._parts: dict[str, _Part] = {}
+        self._ending: set[asyncio.Task[None]] = set()  # cancelled, not yet ended
         self._on_change = on_change or (lambda: None)
         self._wall = wall
 
@@ -111,32 +111,33 @@ class Supervisor:
     async def _keep(self, name: str, work: Work, status: TaskStatus) -> None:
         def failed(exc: Exception) -> None:
             log.error("%s failed; starting it again: %s", name, exc, exc_info=exc)
+            status.running = False
             status.restarts += 1
             status.last_error = f"{type(exc).__name__}: {exc}"
             status.last_error_at = self._wall()
             self._on_change()
 
         async def once() -> None:
+            status.running = True
             await work()
             raise _Ended(f"{name} ended unexpectedly")
 
-        try:
-            await retry_forever(once, Backoff(*self._restart), on_error=failed)
-        finally:
-            status.running = False
+        await retry_forever(once, Backoff(*self._restart), on_error=failed)
 
     def cancel(self, name: str) -> None:
         """Stop one part (it is cancelled; :meth:`stop` awaits whatever is left)."""
         part = self._parts.pop(name, None)
         if part is not None:
             part.task.cancel()
+            self._ending.add(part.task)
+            part.task.add_done_callback(self._ending.discard)
 
     async def stop(self, *names: str) -> None:
-        """Cancel the parts named (every part when none is) and wait until each has ended."""
-        chosen = names or tuple(self._parts)
-        tasks = [part.task for name in chosen if (part := self._parts.pop(name, None))]
-        for task in tasks:
-            task.cancel()
+        """Cancel the parts named (every part when none is, and wait for those cancelled
+        before) and wait until each has ended."""
+        for name in names or tuple(self._parts):
+            self.cancel(name)
+        tasks = [t for t in self._ending if not names or t.get_name() in names]
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def status(self) -> dict[str, dict[str, Any]]:
