@@ -292,7 +292,7 @@ def as_agent(*args: str) -> subprocess.CompletedProcess[str]:
     itself may be out of that user's reach (a venv on root's pyenv), so everything it needs is
     imported before the fork."""
     from agent import cli
-    from agent.cli import status
+    from agent.cli import run, status, wipe  # noqa: F401
 
     with tempfile.TemporaryFile("w+") as err:
         pid = os.fork()
