@@ -40,7 +40,7 @@ from agent.telemetry.ingest import IngestServer
 from agent.telemetry.outbox import Outbox, Reading
 from agent.telemetry.state import Snapshot, StateReporter
 from agent.telemetry.uplinks import Uplinks
-from agent.usage.meter import Counters, UsageMeter
+from agent.usage.meter import SAVE_INTERVAL, Counters, UsageMeter
 from drivers.channel import AtChannel
 from drivers.vendors import Profile
 
@@ -109,9 +109,12 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
     changed = asyncio.Event()  # something shown changed: the state reporter compares soon
     supervisor = Supervisor(*restart, on_change=changed.set)
     outbox = Outbox(store, max_bytes=cfg.outbox.max_bytes, max_age=cfg.outbox.max_age,
-                    drop_policy=cfg.outbox.drop_policy, on_drop=_log_drop)
+                    drop_policy=cfg.outbox.drop_policy, on_drop=_log_drop,
+                    durability=cfg.store.durability, sync_interval=cfg.store.sync_interval,
+                    journal_bytes=cfg.outbox.journal_bytes,
+                    min_free_bytes=cfg.outbox.min_free_bytes)
     events = Events(outbox)
-    usage = UsageMeter(store, outbox, events, cfg.usage)
+    usage = UsageMeter(store, outbox, events, cfg.usage, save_interval=SAVE_INTERVAL)
     clock = TrustedClock(anchor=load_anchor(store),
                          persist=lambda anchor: save_anchor(store, anchor))
 
@@ -188,10 +191,12 @@ class Daemon:
         """Serve until ``stop`` is set. Raises StoreError or IngestError when it cannot start,
         :class:`agent.sim.decommission.Decommissioned` when it must not."""
         store = Store(self.cfg.store.path)
+        outbox: Outbox | None = None
         try:
             reprovisioned = decommission.check_start(store, self.cfg, self.config_path)
             self.parts = parts = build(self.cfg, store, config_path=self.config_path,
                                        restart=self._restart, heartbeat=self.heartbeat)
+            outbox = parts.outbox
             if reprovisioned is not None:
                 parts.events.emit("re-provisioned", decommissioned_at=reprovisioned.get("at"),
                                   old_cert_sha256=reprovisioned.get("cert_sha256"))
@@ -205,6 +210,8 @@ class Daemon:
                 log.info("simkeeper %s: stopping", self.cfg.device_id)
         finally:
             store.close()
+            if outbox is not None:
+                outbox.close()
             self.notifier.close()
 
     async def _start(self, p: Parts, stack: contextlib.AsyncExitStack) -> None:

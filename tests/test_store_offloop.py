@@ -103,7 +103,8 @@ class Rig:
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     store = Store(tmp_path / "db")
-    outbox = Outbox(store, max_bytes=1 << 20, max_age=1e9)
+    # journal_bytes=0: every reading goes to the table, whose commits are held here
+    outbox = Outbox(store, max_bytes=1 << 20, max_age=1e9, journal_bytes=0)
     held = HeldCommits(store)
     during = asyncio.Event()
 

@@ -405,3 +405,34 @@ def test_reports_for_the_runtime_row_come_from_memory(
     reads.clear()
     (fresh,) = rig.meter.reports([ICCID])
     assert reads and fresh["bytes_up"] == 0 and fresh["period"] != mine["period"]
+
+
+def test_counters_alone_commit_at_most_every_save_interval(tmp_path: Path) -> None:
+    rig = capped(tmp_path)
+    meter = UsageMeter(rig.store, rig.outbox, rig.events, rig.cfg, clock=rig.clock,
+                       save_interval=900)
+    meter.observe(ICCID, "modem", Counters(1000, 1000))  # the first one commits
+    assert rig.total(source="modem")[:2] == (1000, 1000)
+    rig.clock.now += 60
+    meter.observe(ICCID, "modem", Counters(1500, 1200))  # only counters moved: put off ...
+    assert rig.total(source="modem")[:2] == (1000, 1000)
+    (report,) = meter.reports([ICCID])  # ... but shown
+    assert (report["bytes_up"], report["bytes_down"]) == (1500, 1200)
+    meter.observe(ICCID, "modem", Counters(2600, 2500))  # crosses 50%: commits at once
+    assert rig.total(source="modem")[:2] == (2600, 2500)
+    assert [e["threshold"] for e in rig.events_of("usage-threshold")] == [0.5]
+    rig.clock.now += 60
+    meter.observe(ICCID, "modem", Counters(2700, 2600))
+    assert rig.total(source="modem")[:2] == (2600, 2500)
+    meter.publish()  # a report commits what was put off first
+    assert rig.total(source="modem")[:2] == (2700, 2600)
+    assert json.loads(rig.outbox.next_batch(USAGE, 10, 1 << 20)[-1].data)["bytes_up"] == 2700
+    rig.clock.now += 60
+    meter.observe(ICCID, "modem", Counters(2800, 2600))  # put off, then the agent dies
+    assert rig.total(source="modem")[:2] == (2700, 2600)
+    rig.restart()
+    rig.meter.observe(ICCID, "modem", Counters(2900, 2700))  # nothing was lost
+    assert rig.total(source="modem")[:2] == (2900, 2700)
+    rig.clock.now += 900
+    rig.meter.observe(ICCID, "modem", Counters(3000, 2700))
+    assert rig.total(source="modem")[:2] == (3000, 2700)

@@ -132,6 +132,11 @@ class UplinkConfig:
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     path: Path = field(default=Path("/var/lib/simkeeper/simkeeper.db"), metadata=spec(file_path))
+    # What a power cut may take (a SIGKILL takes nothing acknowledged in either mode):
+    # "crash-safe" syncs readings to the card at most sync_interval seconds after they were
+    # acknowledged; "power-safe" syncs each before acknowledging it (more writes, slower).
+    durability: str = field(default="crash-safe", metadata=spec(one_of("crash-safe", "power-safe")))
+    sync_interval: float = field(default=5.0, metadata=spec(number_between(0.1, 300)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +158,10 @@ class OutboxConfig:
         default="oldest-lowest-priority",  # the keys of agent.telemetry.outbox.DROP_ORDER
         metadata=spec(one_of("oldest-lowest-priority")),
     )
+    # the disk space the outbox leaves free: older readings are dropped rather than take it
+    min_free_bytes: int = field(default=32 * MIB, metadata=spec(int_between(0, 1 << 40)))
+    # readings kept in the journal file (and memory) before they move into the database
+    journal_bytes: int = field(default=256 * 1024, metadata=spec(int_between(0, 64 * MIB)))
 
 
 @dataclass(frozen=True, slots=True)

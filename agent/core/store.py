@@ -194,6 +194,10 @@ class Store:
             for hook in hooks:
                 hook()
 
+    def in_transaction(self) -> bool:
+        """Whether this thread is inside an open :meth:`transaction`."""
+        return self._owner == threading.get_ident()
+
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` after the current transaction commits (never if it rolls back)."""
         if self._owner != threading.get_ident():

@@ -1,113 +1,87 @@
-"""The durable outbox: readings wait here, committed, until the uplink has them acknowledged.
+"""The durable outbox: readings wait here, on disk, until the uplink has them acknowledged.
 
 Streams: ``telemetry`` (apps' and the agent's health readings), ``events`` (alarms,
 transitions, drops) and ``usage``. A reading's id is the database's random prefix and its
-AUTOINCREMENT sequence (``"3f9a0c1e-1234"``): never reused, not even after the database is
-recreated, so consumers can drop duplicates of at-least-once delivery.
+sequence number (``"3f9a0c1e-1234"``): never reused, not even after the database is recreated,
+so consumers can drop duplicates of at-least-once delivery.
 
-Bounds (``[outbox] max_bytes``, ``max_age``) and the drop policy ``oldest-lowest-priority``:
-when new readings push the outbox over ``max_bytes``, older readings are dropped lowest priority
-first, oldest first within a priority; readings older than ``max_age`` are dropped too (by the
-agent's clock at enqueue; readings taken while the clock was before 2020, a gateway without RTC
-before NTP, never expire by age, only by bytes). Every drop is counted in the database, passed
-to ``on_drop`` and reported as an ``outbox-drop`` event (at most one a minute, carrying the
-counts since the last one). A full disk refuses new readings and never touches committed ones.
+Two tiers, so an SD card lasts (figures: ``bench/bench_disk.py``). A reading added on its own
+(the ingest socket, health) goes to the journal (:mod:`agent.telemetry.spool`: a file appended
+to, the same readings in memory); a gateway whose link is up delivers it from there and never
+writes it to SQLite. The journal's readings move into the ``outbox`` table
+(:mod:`agent.telemetry.table`) in one transaction once they pass ``[outbox] journal_bytes``
+(the link is down) or a bound needs them; a reading added inside another transaction goes
+there directly (an event committed with the state change it reports). Either way it is on
+disk (SIGKILL-safe; power-safe per ``[store] durability``) before :meth:`Outbox.add` returns.
 
-A reading's ``size`` is the UTF-8 bytes of its data and topic.
+Bounds (``[outbox] max_bytes``, ``max_age``, ``min_free_bytes``), drop policy
+``oldest-lowest-priority``: when new readings push the outbox over ``max_bytes``, or the disk's
+free space under ``min_free_bytes``, older readings go lowest priority first, oldest first
+within a priority; readings older than ``max_age`` go too (by the agent's clock at enqueue;
+readings taken while the clock was before 2020, a gateway without RTC before NTP, never expire
+by age). Every drop is counted in the database, passed to ``on_drop`` and reported as an
+``outbox-drop`` event (at most one a minute, with the counts since the last). A full disk
+refuses new readings and never touches committed ones.
 
-Threads: the event loop never commits. :meth:`Outbox.add` and :meth:`Outbox.ack` commit on the
-calling thread (the store's writer thread, or a blocking tool); the loop uses
-:meth:`Outbox.add_async`, :meth:`Outbox.fetch` and :meth:`Outbox.ack_soon` (and
-:meth:`agent.telemetry.events.Events.emit`), which run on the store's writer thread in the order
-they were called.
+A delivered reading is forgotten at once (never fetched again); its removal from disk follows,
+retried with backoff when a full disk refuses it (:class:`agent.telemetry.table.Remover`). A
+reading's ``size`` is the UTF-8 bytes of its data and topic.
+
+Threads: the event loop never writes the disk. :meth:`Outbox.add` and :meth:`Outbox.ack` write
+on the calling thread (the store's writer thread, or a blocking tool); the loop uses
+:meth:`Outbox.add_async`, :meth:`Outbox.fetch` and :meth:`Outbox.ack_soon`, which run on the
+writer thread in the order they were called, or on the loop from memory where no disk is needed.
 """
 
 from __future__ import annotations
 
-import asyncio
+import errno
 import itertools
-import json
 import logging
 import math
-import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
-from agent.core.readings import PRIORITY_MAX, PRIORITY_MIN, topic_problem
-from agent.core.store import Store
+from agent.core.disk import free_bytes
+from agent.core.store import Store, StoreError, StoreFull
+from agent.telemetry import spool, table
+from agent.telemetry.reading import (
+    EVENTS,
+    STREAMS,
+    TELEMETRY,
+    USAGE,
+    Item,
+    OutboxError,
+    Reading,
+    Row,
+    compact_json,
+    event_item,
+    on_loop,
+    row_of,
+)
+from agent.telemetry.spool import Journal, SpoolRow
+from agent.telemetry.table import AGE_FLOOR, DROP_ORDER, Gone, Tally
+
+__all__ = [
+    "AGE_FLOOR", "DROP_ORDER", "EVENTS", "STREAMS", "TELEMETRY", "USAGE", "Item", "Outbox",
+    "OutboxError", "Reading", "compact_json", "event_item", "on_loop",
+]
 
 log = logging.getLogger(__name__)
 
-TELEMETRY, EVENTS, USAGE = "telemetry", "events", "usage"
-STREAMS = (TELEMETRY, EVENTS, USAGE)
-AGE_FLOOR = 1_577_836_800.0  # 2020-01-01T00:00Z: an earlier clock is not trusted for ages
 DROP_EVENT_INTERVAL = 60.0
+JOURNAL_BYTES = 256 * 1024  # [outbox] journal_bytes: readings in the journal before they move
+DURABILITY = ("crash-safe", "power-safe")  # [store] durability
 _EXPIRE_INTERVAL = 60.0
-
-# (stream, topic, data_json, ts, priority)
-Item = tuple[str, str, str, float, int]
 DropCallback = Callable[[int, int, str], None]
-# an outbox row as inserted: stream, size, topic, ts, priority, created, data
-_Row = tuple[str, int, str, float, int, float, str]
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
-    id: str
-    stream: str
-    topic: str
-    ts: float
-    data: str  # compact JSON text
-    priority: int
-    size: int
-    created: float = 0.0  # when the agent committed it (wall clock, Unix seconds)
-
-
-class OutboxError(Exception):
-    """A reading the outbox cannot take (the message says why)."""
-
-
-def compact_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def event_item(kind: str, ts: float, fields: dict[str, Any]) -> Item:
-    """The outbox item of an event: topic = kind, data = ``{"kind", "ts", **fields}``."""
-    return (EVENTS, kind, compact_json({"kind": kind, "ts": ts, **fields}), ts, PRIORITY_MAX)
-
-
-def on_loop(callback: Callable[..., None]) -> Callable[..., None]:
-    """``callback`` as called from any thread: on the event loop that was running where it was
-    registered (commits run on the store's worker thread), directly when there was none. Its
-    exceptions are logged: a commit has already happened and must not look failed."""
-
-    def guarded(*args: Any) -> None:
-        try:
-            callback(*args)
-        except Exception:
-            log.exception("listener %r failed", callback)
-
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return guarded
-    owner = threading.get_ident()
-
-    def call(*args: Any) -> None:
-        if threading.get_ident() == owner:
-            guarded(*args)
-        elif not loop.is_closed():
-            loop.call_soon_threadsafe(guarded, *args)
-
-    return call
-
-
-# ``[outbox] drop_policy`` -> the order in which readings go when the outbox is over its bound
-DROP_ORDER = {"oldest-lowest-priority": "priority, seq"}
+def journal_path(store: Store) -> Path:
+    """The outbox's journal file, beside the database."""
+    return store.path.with_name(store.path.name + "-outbox")
 
 
 class Outbox:
@@ -120,36 +94,58 @@ class Outbox:
         drop_policy: str = "oldest-lowest-priority",
         on_drop: DropCallback | None = None,
         clock: Callable[[], float] = time.time,
+        durability: str = "crash-safe",
+        sync_interval: float = 5.0,
+        journal_bytes: int = JOURNAL_BYTES,
+        min_free_bytes: int = 0,
     ) -> None:
+        if durability not in DURABILITY:
+            raise ValueError(f"durability: expected one of {DURABILITY}")
         self._store = store
         self._max_bytes = max_bytes
         self._max_age = max_age
         self._drop_order = DROP_ORDER[drop_policy]
         self._on_drop = on_loop(on_drop) if on_drop else None
         self._clock = clock
+        self._journal_bytes = journal_bytes
+        self._min_free = min_free_bytes
         self._listeners: dict[int, Callable[[], None]] = {}
         self._keys = itertools.count()
         self._last_expire = -math.inf
         self._last_drop_event = -math.inf
-        self._depth: dict[str, tuple[int, int]] = {}
+        self._unreported = True  # drops not reported yet, maybe: the first look tells
+        self._mem = threading.Lock()  # the three below: read on the loop, written elsewhere
+        self._table: dict[str, tuple[int, int]] = {}  # (count, bytes) per stream in the table
+        self._acking: set[int] = set()  # delivered, in the table until their delete commits
+        self._remover = table.Remover(store, done=self._deleted, pending=self._pending,
+                                      min_free=min_free_bytes)
+        path = journal_path(store)
+        kept = spool.read(path)
         with store.transaction() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('outbox.id_prefix', ?)",
-                (secrets.token_hex(4),),
-            )
-            (self._prefix,) = db.execute(
-                "SELECT value FROM meta WHERE key = 'outbox.id_prefix'"
-            ).fetchone()
-            self._expire(db, self._clock())
-            for stream, count, size in db.execute(
-                "SELECT stream, COUNT(*), TOTAL(size) FROM outbox GROUP BY stream"
-            ):
-                self._depth[stream] = (count, int(size))
+            self._prefix, last, rows, self._table = table.open_table(db, kept.rows)
+        if kept.skipped:
+            log.warning("outbox journal %s: %d damaged records skipped (a power cut?)", path,
+                        kept.skipped)
+        self._next_seq: int = max(last + 1, kept.next_seq)
+        self._journal = Journal(path, power_safe=durability == "power-safe",
+                                sync_interval=sync_interval, rows=rows, next_seq=self._next_seq)
+        self._maintain(self._clock(), report=False)  # what expired while the agent was down
+        self._remover.reserve.keep()
+
+    def close(self) -> None:
+        """Sync and close the journal; the outbox is not used after."""
+        self._remover.close()
+        self._journal.file.close()
+
+    @property
+    def store(self) -> Store:
+        return self._store
 
     # -- writing ---------------------------------------------------------------------------
 
     def add(self, items: Sequence[Item]) -> list[str]:
-        """Commit readings in one transaction and return their ids.
+        """Put readings on disk, all or none, and return their ids: in the journal when added on
+        their own, in the table inside a transaction or when a bound needs it.
 
         Raises :class:`OutboxError` for an invalid item (nothing is added) and
         :class:`~agent.core.store.StoreFull` when the disk is full."""
@@ -157,19 +153,28 @@ class Outbox:
         rows = [self._row(item, now) for item in items]
         if not rows:
             return []
-        with self._store.transaction() as db:
-            first, last = self._insert(db, rows)
-            change = _Tally(rows)
-            change.remove(self._expire(db, now))
-            change.remove(self._bound(db, first, change.bytes))
-            change.extend(self._report_drops(db, now))
-            self._store.after_commit(lambda: self._commit(change))
-        return [f"{self._prefix}-{seq}" for seq in range(first, last + 1)]
+        size = sum(r[1] for r in rows)
+        move = self._journal.bytes + size > self._journal_bytes or (
+            self.depth()[1] + size > self._limit()
+        )
+        first = self._take_seqs(len(rows))
+        numbered = [(first + i, *row) for i, row in enumerate(rows)]
+        if move or self._store.in_transaction():
+            self._add_to_table(numbered, now, move=move)
+        else:
+            try:
+                self._journal.add(numbered)
+            except OSError as exc:
+                raise _disk_error(exc, "adding readings") from exc
+            if self._journal.file.size > 4 * self._journal_bytes:  # mostly delivered ones
+                self._restart_journal()
+            self._added()
+            self._maintain(now)
+        return [f"{self._prefix}-{seq}" for seq in range(first, first + len(rows))]
 
     async def add_async(self, items: Sequence[Item]) -> list[str]:
-        """:meth:`add` on the store's writer thread, so the event loop never waits on fsync."""
+        """:meth:`add` on the store's writer thread, so the event loop never waits on the disk."""
         return await self._store.run(self.add, items)
-
 
     def check(self, items: Sequence[Item]) -> None:
         """Raise :class:`OutboxError` for the first item :meth:`add` would refuse."""
@@ -177,98 +182,104 @@ class Outbox:
         for item in items:
             self._row(item, now)
 
-    @property
-    def store(self) -> Store:
-        return self._store
+    def _row(self, item: Item, now: float) -> Row:
+        return row_of(item, now, self._max_bytes)
 
-    def _row(self, item: Item, now: float) -> _Row:
-        stream, topic, data, ts, priority = item
-        if stream not in STREAMS:
-            raise OutboxError(f"unknown stream {stream!r}")
-        if problem := topic_problem(topic):
-            raise OutboxError(f"bad topic {topic!r}: {problem}")
-        if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
-            raise OutboxError(f"bad ts {ts!r}")
-        if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
-            raise OutboxError(f"priority {priority} outside {PRIORITY_MIN}..{PRIORITY_MAX}")
-        size = len(data.encode()) + len(topic)
-        if size > self._max_bytes:
-            raise OutboxError(f"reading of {size} bytes exceeds outbox.max_bytes")
-        return (stream, size, topic, float(ts), priority, now, data)
+    def _limit(self) -> int:
+        """``max_bytes``, lowered so that the disk keeps ``min_free_bytes`` free."""
+        if not self._min_free:
+            return self._max_bytes
+        try:
+            room = free_bytes(self._store.path.parent) - self._min_free
+        except OSError:
+            return self._max_bytes
+        return min(self._max_bytes, self.depth()[1] + room)
 
-    @staticmethod
-    def _insert(db: sqlite3.Connection, rows: Sequence[_Row]) -> tuple[int, int]:
-        db.executemany(
-            "INSERT INTO outbox (stream, size, topic, ts, priority, created, data)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        (last,) = db.execute("SELECT last_insert_rowid()").fetchone()
-        return last - len(rows) + 1, last
+    def _take_seqs(self, n: int) -> int:
+        with self._mem:
+            first, self._next_seq = self._next_seq, self._next_seq + n
+        return first
 
-    def _expire(self, db: sqlite3.Connection, now: float) -> list[tuple[str, int]]:
+    def _restart_journal(self) -> None:
+        try:
+            self._journal.restart(self._next_seq)
+        except OSError as exc:  # the old journal stays, still right; tried again later
+            log.warning("outbox journal: could not start it again: %s", exc)
+
+    def _add_to_table(self, rows: Sequence[SpoolRow], now: float, *, move: bool) -> None:
+        with self._store.transaction() as db:
+            moved = self._journal.rows() if move else []
+            table.insert(db, moved, again=True)
+            table.insert(db, rows)
+            change = Tally(r[1:] for r in [*moved, *rows])
+            moved += self._expire(db, now, change)
+            excess = self.depth()[1] + change.bytes - sum(r[2] for r in moved) - self._limit()
+            change.remove(self._dropped(db, table.bound(db, self._drop_order, rows[0][0],
+                                                         excess), "max_bytes"))
+            change.extend(self._report_drops(db, now))
+            self._store.after_commit(lambda: self._committed(change, moved))
+            self._store.after_commit(self._added)
+
+    def _committed(self, change: Tally, moved: Sequence[SpoolRow]) -> None:
+        """After a commit: the table's depth follows ``change``; readings ``moved`` into the
+        table leave memory and journal (one delivered meanwhile is in the table now too: its
+        delete follows)."""
+        seqs = [r[0] for r in moved]
+        delivered = set(seqs) - set(self._journal.forget(seqs))
+        with self._mem:
+            change.apply_to(self._table)
+            self._acking.update(delivered)
+        if moved:
+            self._restart_journal()
+        if delivered:
+            self._remover.delete(sorted(delivered))
+
+    def _maintain(self, now: float, *, report: bool = True) -> None:
+        """Expiry and the drop report, when due, in a transaction of their own."""
+        due = now >= AGE_FLOOR and now - self._last_expire >= _EXPIRE_INTERVAL
+        if not due and not (report and now - self._last_drop_event >= DROP_EVENT_INTERVAL):
+            return
+        if not any(c for c, _ in self._table.values()) and not self._unreported and (
+            not self._journal.older_than(AGE_FLOOR, now - self._max_age)
+        ):
+            self._last_expire = now  # nothing in the table, nothing expired: no transaction
+            return
+        with self._store.transaction() as db:
+            change = Tally()
+            moved = self._expire(db, now, change)
+            if report:
+                change.extend(self._report_drops(db, now))
+            self._store.after_commit(lambda: self._committed(change, moved))
+
+    def _expire(self, db: sqlite3.Connection, now: float, change: Tally) -> list[SpoolRow]:
+        """Drop readings older than ``max_age`` (``change`` counts it); the journal's readings
+        move into the table first when one of them is that old. Returns those moved."""
         if now < AGE_FLOOR or now - self._last_expire < _EXPIRE_INTERVAL:
             return []
         self._store.after_commit(lambda: self._stamp(expired=now))
-        gone = db.execute(
-            "DELETE FROM outbox WHERE created >= ? AND created < ? RETURNING stream, size",
-            (AGE_FLOOR, now - self._max_age),
-        ).fetchall()
-        return self._dropped(db, gone, "max_age")
+        cutoff = now - self._max_age
+        moved = self._journal.rows() if self._journal.older_than(AGE_FLOOR, cutoff) else []
+        table.insert(db, moved, again=True)
+        change.extend(r[1:] for r in moved)
+        change.remove(self._dropped(db, table.expire(db, cutoff), "max_age"))
+        return moved
 
-    def _bound(self, db: sqlite3.Connection, first_new: int, change: int) -> list[tuple[str, int]]:
-        """Drop older readings, lowest priority first, until the outbox fits ``max_bytes``.
-        Readings added by this transaction are never dropped by it."""
-        excess = self.depth()[1] + change - self._max_bytes
-        dropped: list[tuple[str, int]] = []
-        while excess > 0:
-            candidates = db.execute(
-                f"SELECT seq, size FROM outbox WHERE seq < ? ORDER BY {self._drop_order} LIMIT 256",
-                (first_new,),
-            ).fetchall()
-            if not candidates:
-                break
-            victims = []
-            for seq, size in candidates:
-                victims.append(seq)
-                excess -= size
-                if excess <= 0:
-                    break
-            dropped += db.execute(
-                f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(victims))})"
-                " RETURNING stream, size",
-                victims,
-            ).fetchall()
-        return self._dropped(db, dropped, "max_bytes")
-
-    def _dropped(
-        self, db: sqlite3.Connection, gone: list[tuple[str, int]], reason: str
-    ) -> list[tuple[str, int]]:
+    def _dropped(self, db: sqlite3.Connection, gone: Gone, reason: str) -> Gone:
         if gone:
-            count, size = len(gone), sum(s for _, s in gone)
-            db.execute(
-                "INSERT INTO outbox_drops (reason, count, bytes) VALUES (?, ?, ?)"
-                " ON CONFLICT (reason) DO UPDATE"
-                " SET count = count + excluded.count, bytes = bytes + excluded.bytes",
-                (reason, count, size),
-            )
+            table.count_drops(db, gone, reason)
+            self._store.after_commit(lambda: setattr(self, "_unreported", True))
             if self._on_drop is not None:
-                on_drop = self._on_drop
+                on_drop, count, size = self._on_drop, len(gone), sum(s for _, s in gone)
                 self._store.after_commit(lambda: on_drop(count, size, reason))
         return gone
 
-    def _report_drops(self, db: sqlite3.Connection, now: float) -> list[_Row]:
+    def _report_drops(self, db: sqlite3.Connection, now: float) -> list[Row]:
         """One ``outbox-drop`` event per reason with the drops not yet reported, at most once
         per :data:`DROP_EVENT_INTERVAL`."""
         if now - self._last_drop_event < DROP_EVENT_INTERVAL:
             return []
-        unreported = db.execute(
-            "SELECT reason, count - reported_count, bytes - reported_bytes, count"
-            " FROM outbox_drops WHERE count > reported_count"
-        ).fetchall()
-        if not unreported:
-            return []
-        self._store.after_commit(lambda: self._stamp(reported=now))
+        unreported = table.unreported_drops(db)
+        self._store.after_commit(lambda: self._stamp(reported=now if unreported else None))
         rows = [
             self._row(
                 event_item("outbox-drop", now, {"reason": r, "count": c, "bytes": b, "total": t}),
@@ -276,8 +287,10 @@ class Outbox:
             )
             for r, c, b, t in unreported
         ]
-        self._insert(db, rows)
-        db.execute("UPDATE outbox_drops SET reported_count = count, reported_bytes = bytes")
+        first = self._take_seqs(len(rows))
+        table.insert(db, [(first + i, *row) for i, row in enumerate(rows)])
+        if rows:
+            self._store.after_commit(self._added)
         return rows
 
     def _stamp(self, *, expired: float | None = None, reported: float | None = None) -> None:
@@ -286,28 +299,32 @@ class Outbox:
             self._last_expire = expired
         if reported is not None:
             self._last_drop_event = reported
+        self._unreported = self._unreported and expired is not None
 
-    def _commit(self, change: _Tally) -> None:
-        for stream, (count, size) in change.streams.items():
-            old = self._depth.get(stream, (0, 0))
-            self._depth[stream] = (old[0] + count, old[1] + size)
-        if change.added:
-            for listener in list(self._listeners.values()):
-                listener()
+    def _added(self) -> None:
+        for listener in list(self._listeners.values()):
+            listener()
 
     # -- delivering --------------------------------------------------------------------------
 
     def next_batch(self, stream: str, max_count: int, max_bytes: int) -> list[Reading]:
-        """The oldest readings of ``stream`` (order kept per topic), at most ``max_count`` and
-        ``max_bytes`` in total, but always the first one even when it alone is larger."""
-        rows = self._store.query(
-            "SELECT seq, topic, ts, data, priority, size, created FROM outbox WHERE stream = ?"
-            " ORDER BY seq LIMIT ?",
-            (stream, max_count),
-        )
+        """The oldest readings of ``stream`` not yet delivered (order kept per topic), at most
+        ``max_count`` and ``max_bytes`` in total, but always the first one even when it alone
+        is larger."""
+        with self._mem:
+            skip = len(self._acking)
+        rows: list[SpoolRow] = []
+        in_table = self._in_table(stream) or self._store.in_transaction()
+        if in_table:
+            rows = table.oldest(self._store.query, stream, max_count + skip)
+            with self._mem:
+                rows = [r for r in rows if r[0] not in self._acking]
+        rows += self._journal.first(stream, max_count)
+        if in_table:  # a reading moved by the open transaction shows twice on its thread
+            rows = sorted({r[0]: r for r in rows}.values())
         batch: list[Reading] = []
         total = 0
-        for seq, topic, ts, data, priority, size, created in rows:
+        for seq, _, size, topic, ts, priority, created, data in rows[:max_count]:
             total += size
             if batch and total > max_bytes:
                 break
@@ -316,46 +333,68 @@ class Outbox:
             )
         return batch
 
+    def _in_table(self, stream: str) -> bool:
+        with self._mem:
+            return self._table.get(stream, (0, 0))[0] > 0
+
     async def fetch(self, stream: str, max_count: int, max_bytes: int) -> list[Reading]:
-        """:meth:`next_batch` on the store's writer thread: off the loop, and after every write
-        handed over before it (an :meth:`ack_soon` included)."""
+        """:meth:`next_batch`: from memory when the stream has nothing in the table, else on the
+        store's writer thread (off the loop, after every write handed over before it)."""
+        if not self._in_table(stream):
+            return self.next_batch(stream, max_count, max_bytes)
         return await self._store.run(self.next_batch, stream, max_count, max_bytes)
 
     def ack_soon(self, ids: Sequence[str]) -> None:
-        """:meth:`ack` without waiting (``Store.write``: queued when called on the event loop);
-        a later :meth:`fetch` never returns these readings."""
-        ids = list(ids)
-        self._store.write(lambda: self.ack(ids), what=f"acknowledgement of {len(ids)} readings")
+        """:meth:`ack` without waiting: forgotten at once (a later :meth:`fetch` never returns
+        these readings), removed from disk by a write queued when called on the event loop."""
+        journal, rows = self._forget(ids)
+        if journal or rows:
+            self._store.write(lambda: self._erase(journal, rows),
+                              what=f"acknowledgement of {len(journal) + len(rows)} readings")
 
     def ack(self, ids: Sequence[str]) -> None:
-        """Remove delivered readings (committed on the calling thread); unknown or already
+        """Remove delivered readings (written on the calling thread); unknown or already
         removed ids are ignored."""
+        self._erase(*self._forget(ids))
+
+    def _forget(self, ids: Sequence[str]) -> tuple[list[int], list[int]]:
+        """Take delivered readings out of memory: (seqs of the journal, seqs of the table)."""
         prefix = f"{self._prefix}-"
         tails = (i[len(prefix) :] for i in ids if i.startswith(prefix))
         seqs = [int(tail) for tail in tails if tail.isdigit()]
-        if not seqs:
-            return
-        with self._store.transaction() as db:
-            change = _Tally([])
-            for start in range(0, len(seqs), 500):
-                chunk = seqs[start : start + 500]
-                change.remove(
-                    db.execute(
-                        f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(chunk))})"
-                        " RETURNING stream, size",
-                        chunk,
-                    ).fetchall()
-                )
-            self._store.after_commit(lambda: self._commit(change))
+        journal = self._journal.forget(seqs)
+        rows = sorted(set(seqs) - set(journal))
+        with self._mem:
+            self._acking.update(rows)
+        return journal, rows
+
+    def _erase(self, journal: Sequence[int], rows: Sequence[int]) -> None:
+        if journal:
+            self._journal.gone(journal)
+        if rows:
+            self._remover.delete(rows)
+
+    def _deleted(self, change: Tally, seqs: Sequence[int]) -> None:
+        with self._mem:
+            change.apply_to(self._table)
+            self._acking.difference_update(seqs)
+
+    def _pending(self) -> list[int]:
+        with self._mem:
+            return sorted(self._acking)
 
     # -- watching ----------------------------------------------------------------------------
 
     def depth(self, stream: str | None = None) -> tuple[int, int]:
         """(count, bytes) waiting, of one stream or all."""
-        if stream is not None:
-            return self._depth.get(stream, (0, 0))
-        values = list(self._depth.values())
-        return sum(c for c, _ in values), sum(b for _, b in values)
+        count = size = 0
+        for name in STREAMS if stream is None else (stream,):
+            with self._mem:
+                in_table = self._table.get(name, (0, 0))
+            in_journal = self._journal.depth(name)
+            count += in_table[0] + in_journal[0]
+            size += in_table[1] + in_journal[1]
+        return count, size
 
     def drops(self) -> dict[str, tuple[int, int]]:
         """Readings dropped since the database was created: reason -> (count, bytes)."""
@@ -374,25 +413,7 @@ class Outbox:
         return remove
 
 
-class _Tally:
-    """Per-stream (count, bytes) changes of one transaction, applied to depth after commit."""
-
-    def __init__(self, rows: Sequence[_Row]) -> None:
-        self.streams: dict[str, list[int]] = {}
-        self.added = bool(rows)
-        self.bytes = 0
-        self.extend(rows)
-
-    def extend(self, rows: Sequence[_Row]) -> None:
-        self._apply(((r[0], r[1]) for r in rows), +1)
-        self.added = self.added or bool(rows)
-
-    def remove(self, gone: Sequence[tuple[str, int]]) -> None:
-        self._apply(gone, -1)
-
-    def _apply(self, pairs: Any, sign: int) -> None:
-        for stream, size in pairs:
-            change = self.streams.setdefault(stream, [0, 0])
-            change[0] += sign
-            change[1] += sign * size
-            self.bytes += sign * size
+def _disk_error(exc: OSError, doing: str) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        return StoreFull(f"store full while {doing}: {exc}")
+    return StoreError(f"store failed while {doing}: {exc}")

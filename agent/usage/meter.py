@@ -20,6 +20,13 @@ Plans: ``[[usage.plan]]`` per ICCID, else ``[usage] plan_bytes``, overridden by
 the period ends: ``throttle`` holds readings that are not critical (:meth:`allowed`), ``stop``
 also refuses new readings (:meth:`accepting`, an ingest gate).
 
+An SD card wears out under a write a minute: when only the counters moved (no threshold crossed,
+no new period, no reset), :meth:`UsageMeter.observe` commits at most every ``save_interval``
+seconds per source and keeps the newer figures in memory meanwhile (the reports show them;
+:meth:`UsageMeter.publish` commits them first). Nothing is lost by a crash in between: the
+counters are cumulative, so the next reading after a restart counts what was not committed;
+only a crash and a counter reset together lose the uncommitted part.
+
 :meth:`UsageMeter.observe`, :meth:`UsageMeter.set_plan` and :meth:`UsageMeter.publish` commit:
 from the event loop, call them through ``await store.run(...)``. :meth:`UsageMeter.reports`
 answers from memory (kept fresh by those three), for the runtime row written every few seconds.
@@ -28,6 +35,7 @@ answers from memory (kept fresh by those three), for the runtime row written eve
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -44,6 +52,7 @@ from agent.telemetry.events import Events
 from agent.telemetry.outbox import USAGE, Outbox, compact_json
 
 SOURCES = ("modem", "kernel")
+SAVE_INTERVAL = 900.0  # the daemon's save_interval: usage commits at most this often when idle
 SEVERITY = {"event": 0, "throttle": 1, "stop": 2}
 _KERNEL_FILES = ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")
 
@@ -109,9 +118,14 @@ class UsageMeter:
         cfg: UsageConfig,
         *,
         clock: Callable[[], float] = time.time,
+        save_interval: float = 0.0,
     ) -> None:
         self._store = store
         self._outbox = outbox
+        self._save_interval = save_interval
+        self._saved: dict[str, float] = {}  # source: when its counters were last committed
+        # source: the newest reading not committed yet (iccid, counters, epoch)
+        self._pending: dict[str, tuple[str, Counters, str]] = {}
         self._events = events
         self._cfg = cfg
         self._tz = ZoneInfo(cfg.timezone)
@@ -129,47 +143,47 @@ class UsageMeter:
 
     # -- counting ------------------------------------------------------------------------------
 
-    def observe(self, iccid: str, source: str, counters: Counters, *, epoch: str = "") -> None:
-        """Account one reading of cumulative counters for the SIM in use."""
+    def observe(self, iccid: str, source: str, counters: Counters, *, epoch: str = "",
+                save: bool = False) -> None:
+        """Account one reading of cumulative counters for the SIM in use (committed at once
+        when ``save``, else as the module doc says)."""
         values = dataclasses.astuple(counters)
         if source not in SOURCES or any(not isinstance(v, int) or v < 0 for v in values):
             raise ValueError(f"bad usage reading from {source!r}: {counters}")
         iccid = canonical_iccid(iccid)
         now = self._clock()
         start, _ = self.period(iccid, now)
-        with self._store.transaction() as db:
-            row = db.execute(
-                "SELECT epoch, tx_bytes, rx_bytes, tx_packets, rx_packets FROM usage_counter"
-                " WHERE source = ?",
-                (source,),
-            ).fetchone()
-            if row is not None and row == (epoch, *values) and iccid == self.sim:
-                return  # nothing moved: no write (the SD card thanks us)
-            fresh = row is None or row[0] != epoch
-            deltas = [
-                v if fresh or v < last else v - last
-                for v, last in zip(values, row[1:] if row else values, strict=True)
-            ]
-            db.execute(
-                "INSERT OR REPLACE INTO usage_counter"
-                " (source, epoch, tx_bytes, rx_bytes, tx_packets, rx_packets)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (source, epoch, *values),
-            )
-            db.execute(
-                "INSERT INTO usage_period"
-                " (iccid, period, source, tx_bytes, rx_bytes, tx_packets, rx_packets)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (iccid, period, source) DO UPDATE SET"
-                " tx_bytes = tx_bytes + excluded.tx_bytes,"
-                " rx_bytes = rx_bytes + excluded.rx_bytes,"
-                " tx_packets = tx_packets + excluded.tx_packets,"
-                " rx_packets = rx_packets + excluded.rx_packets",
-                (iccid, start.isoformat(), source, *deltas),
-            )
-            self._close_previous(db, iccid, start, now)
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('usage.sim', ?)", (iccid,))
-            self._evaluate(_query(db), iccid, now)
+        may_wait = (not save and not self._store.in_transaction()
+                    and now - self._saved.get(source, -math.inf) < self._save_interval)
+        try:
+            with self._store.transaction() as db:
+                row = db.execute(
+                    "SELECT epoch, tx_bytes, rx_bytes, tx_packets, rx_packets FROM usage_counter"
+                    " WHERE source = ?",
+                    (source,),
+                ).fetchone()
+                if row is not None and row == (epoch, *values) and iccid == self.sim:
+                    return  # nothing moved: no write (the SD card thanks us)
+                fresh = row is None or row[0] != epoch
+                _count(db, (iccid, start.isoformat(), source), epoch, values,
+                       values if fresh else row[1:])
+                counted = db.total_changes
+                self._close_previous(db, iccid, start, now)
+                if iccid != self.sim:
+                    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('usage.sim', ?)",
+                               (iccid,))
+                self._evaluate(_query(db), iccid, now)
+                if may_wait and not fresh and iccid == self.sim and db.total_changes == counted:
+                    raise _Later(self._report(_query(db), iccid, now))
+                self._store.after_commit(lambda: self._committed(source, now))
+        except _Later as later:  # rolled back: kept in memory until the next save
+            self._pending[source] = (iccid, counters, epoch)
+            self._remember(iccid, later.report)
         self.sim = iccid
+
+    def _committed(self, source: str, now: float) -> None:
+        self._saved[source] = now
+        self._pending.pop(source, None)
 
     def _close_previous(self, db: Any, iccid: str, start: datetime, now: float) -> None:
         """On the first reading of a new period, publish the final report of the last one."""
@@ -251,6 +265,8 @@ class UsageMeter:
     def publish(self) -> list[str]:
         """Queue a ``usage`` report for each SIM with usage in its current period (and the SIM
         in use); returns the reading ids."""
+        for source, (iccid, counters, epoch) in list(self._pending.items()):
+            self.observe(iccid, source, counters, epoch=epoch, save=True)
         now = self._clock()
         iccids = {row[0] for row in self._store.query("SELECT DISTINCT iccid FROM usage_period")}
         fresh = {iccid: self.report(iccid, now)
@@ -364,6 +380,36 @@ class UsageMeter:
         """The ingest gate: None, or why new readings are refused (``stop`` reached)."""
         cap = self._action()
         return cap.reason if cap.action == "stop" else None
+
+
+class _Later(Exception):
+    """Raised inside :meth:`UsageMeter.observe`'s transaction to roll it back: only counters
+    moved, and the last commit is recent."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        super().__init__("usage commit put off")
+        self.report = report
+
+
+def _count(db: Any, key: tuple[str, str, str], epoch: str, values: tuple[int, ...],
+           last: tuple[int, ...]) -> None:
+    """Add what the counters moved since ``last`` (a counter lower than before restarted:
+    counted in full) to the SIM's period ``key`` (iccid, period, source)."""
+    deltas = [v if v < old or last is values else v - old for v, old in zip(values, last,
+                                                                         strict=True)]
+    db.execute(
+        "INSERT OR REPLACE INTO usage_counter"
+        " (source, epoch, tx_bytes, rx_bytes, tx_packets, rx_packets) VALUES (?, ?, ?, ?, ?, ?)",
+        (key[2], epoch, *values),
+    )
+    db.execute(
+        "INSERT INTO usage_period (iccid, period, source, tx_bytes, rx_bytes, tx_packets,"
+        " rx_packets) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (iccid, period, source) DO UPDATE"
+        " SET tx_bytes = tx_bytes + excluded.tx_bytes, rx_bytes = rx_bytes + excluded.rx_bytes,"
+        " tx_packets = tx_packets + excluded.tx_packets,"
+        " rx_packets = rx_packets + excluded.rx_packets",
+        (*key, *deltas),
+    )
 
 
 def _period_end(report: dict[str, Any]) -> float:
