@@ -1,5 +1,6 @@
-"""Local ingestion over a real Unix socket: the protocol, hostile clients, group commit, the
-socket's life, `simkeeper publish`, and the agent SIGKILLed mid-stream."""
+"""Local ingestion over a real Unix socket: the protocol, hostile clients, group commit (a bad
+reading fails alone), the client slots (the idlest gives way), the socket's life,
+`simkeeper publish`, and the agent SIGKILLed mid-stream."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import pytest
 
 from agent.core.store import Store
 from agent.telemetry.ingest import IngestError, IngestServer, parse_line
-from agent.telemetry.outbox import TELEMETRY, Outbox
-from tests.broker import until
+from agent.telemetry.outbox import TELEMETRY, Item, Outbox
+from tests.broker import WAIT, until
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_750_000_000.0
@@ -62,6 +63,26 @@ async def server(outbox: Outbox, short_dir: Path) -> AsyncIterator[IngestServer]
     s = await serve(outbox, short_dir / "run" / "ingest.sock", max_line=4096)
     yield s
     await s.close()
+
+
+def hold_first_commit(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[list[Item]], threading.Event, threading.Event]:
+    """Record the items of every ``outbox.add`` call, and hold the first one on the store's
+    thread (``held`` set) until ``release`` is set: what arrives meanwhile queues behind it."""
+    calls: list[list[Item]] = []
+    held, release = threading.Event(), threading.Event()
+    real = outbox.add
+
+    def add(items: list[Item]) -> list[str]:
+        calls.append(list(items))
+        if len(calls) == 1:
+            held.set()
+            release.wait(timeout=WAIT)
+        return real(items)
+
+    monkeypatch.setattr(outbox, "add", add)
+    return calls, held, release
 
 
 async def exchange(path: Path, lines: list[bytes]) -> list[dict[str, Any]]:
@@ -163,18 +184,7 @@ async def test_many_clients_are_group_committed(
     """Lines that arrive while a commit is under way go together in the next commits (at most
     ``max_batch`` a commit), not one commit each. The first commit is held on the store's
     thread until every other line has arrived, so the count does not depend on timing."""
-    commits: list[int] = []
-    held, release = threading.Event(), threading.Event()
-    real = outbox.add
-
-    def counting(items: Any) -> list[str]:
-        commits.append(len(items))
-        if len(commits) == 1:
-            held.set()
-            release.wait(timeout=60)
-        return real(items)
-
-    monkeypatch.setattr(outbox, "add", counting)
+    calls, held, release = hold_first_commit(outbox, monkeypatch)
 
     async def client(n: int) -> list[dict[str, Any]]:
         lines = [json.dumps({"topic": f"c/{n}", "data": i}).encode() + b"\n" for i in range(50)]
@@ -183,11 +193,12 @@ async def test_many_clients_are_group_committed(
     clients = asyncio.gather(*(client(n) for n in range(20)))
     try:
         await until(held.is_set, "the first commit under way")
-        await until(lambda: commits[0] + len(server._queue) == 1000,
+        await until(lambda: len(calls[0]) + len(server._queue) == 1000,
                     "every other line queued behind it")
     finally:
         release.set()
     results = await clients
+    commits = [len(items) for items in calls]
     ids = [a["id"] for answers in results for a in answers]
     assert len(ids) == len(set(ids)) == 1000
     assert sum(commits) == 1000
@@ -197,22 +208,90 @@ async def test_many_clients_are_group_committed(
         assert [json.loads(r.data) for r in batch] == list(range(50))
 
 
-async def test_max_clients(outbox: Outbox, short_dir: Path) -> None:
-    server = await serve(outbox, short_dir / "s.sock", max_clients=2)
-    first = await asyncio.open_unix_connection(server.path)
-    second = await asyncio.open_unix_connection(server.path)
-    reader, _ = await asyncio.open_unix_connection(server.path)
-    assert json.loads(await reader.readline()) == {"ok": False, "error": "too many clients (max 2)"}
-    assert await reader.read() == b""
-    first[1].close()
-    await first[1].wait_closed()
-    for _ in range(1000):  # until the server has noticed the first one left
-        answer = (await exchange(server.path, [b'{"topic": "a", "data": 1}\n']))[0]
-        if answer["ok"]:
-            break
-    assert answer["ok"]
-    second[1].close()
+@pytest.mark.parametrize("checked", [True, False], ids=["checked-alone", "refused-as-a-group"])
+async def test_a_lone_surrogate_fails_only_its_own_line(
+    server: IngestServer, outbox: Outbox, monkeypatch: pytest.MonkeyPatch, checked: bool
+) -> None:
+    """``"\\ud800"`` is valid JSON but not UTF-8 text. Its line alone is refused, saying so;
+    every other line of its client and of another one, committed in the same group, is
+    committed. The outbox checks each line before it is grouped; without that check
+    (``refused-as-a-group``), the outbox refuses the group and its lines go again one by one.
+    The first commit is held until every line has arrived, so the grouping is not left to
+    timing."""
+    calls, held, release = hold_first_commit(outbox, monkeypatch)
+    if not checked:
+        monkeypatch.setattr(outbox, "check", lambda items: None)
+    mine = [b'{"topic": "c/a", "data": %d}\n' % i for i in range(50)]
+    mine[25] = b'{"topic": "c/a", "data": {"text": "bad \\ud800 text"}}\n'
+    other = [b'{"topic": "c/b", "data": %d}\n' % i for i in range(20)]
+    clients = asyncio.gather(exchange(server.path, mine), exchange(server.path, other))
+    try:
+        await until(held.is_set, "the first commit under way")
+        queued = 70 if not checked else 69
+        await until(lambda: len(calls[0]) + len(server._queue) == queued, "every line queued")
+    finally:
+        release.set()
+    mine_answers, other_answers = await clients
+    bad = mine_answers.pop(25)
+    assert bad["ok"] is False and "not valid UTF-8 text" in bad["error"], bad
+    assert "\ud800" not in bad["error"]
+    assert all(a["ok"] for a in mine_answers + other_answers)
+    stored = {r.id: r.data for r in outbox.next_batch(TELEMETRY, 100, 1 << 20)}
+    assert len(stored) == 69
+    assert [stored[a["id"]] for a in mine_answers] == [str(i) for i in range(50) if i != 25]
+    assert [stored[a["id"]] for a in other_answers] == [str(i) for i in range(20)]
+    grouped = [items for items in calls if any("\ud800" in item[2] for item in items)]
+    if checked:
+        assert grouped == []
+    else:  # it went to the outbox with others, then each line of that group alone
+        group = grouped[0]
+        first = calls.index(group) + 1
+        assert len(group) > 1 and calls[first : first + len(group)] == [[i] for i in group]
+
+
+async def test_full_server_evicts_the_idlest_idle_client(
+    outbox: Outbox, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_clients 3. A client inside a line or owed an answer keeps its slot, even when it is
+    the idlest; an idle one gives it to a newcomer, told why; when none is idle, the newcomer is
+    refused. Answers stay owed while the first commit is held."""
+    server = await serve(outbox, short_dir / "s.sock", max_clients=3)
+    _, held, release = hold_first_commit(outbox, monkeypatch)
+    line = b'{"topic": "a", "data": 1}\n'
+    evicted = {"ok": False, "error": "evicted: all 3 client slots taken, this one the idlest"}
+    try:
+        owed_r, owed_w = await asyncio.open_unix_connection(server.path)
+        owed_w.write(line)
+        await until(held.is_set, "the first commit under way")
+        half_r, half_w = await asyncio.open_unix_connection(server.path)
+        half_w.write(b'{"topic": "a",')
+        await until(lambda: any(c._buf for c in server.clients), "half a line in")
+        idle_r, _ = await asyncio.open_unix_connection(server.path)
+        await until(lambda: len(server.clients) == 3, "three clients in")
+        new_r, new_w = await asyncio.open_unix_connection(server.path)
+        assert json.loads(await idle_r.readline()) == evicted
+        assert await idle_r.read() == b""
+        new_w.write(line)
+        await until(lambda: len(server._queue) == 1, "the newcomer's line queued")
+        refused, _ = await asyncio.open_unix_connection(server.path)
+        assert json.loads(await refused.readline()) == {
+            "ok": False, "error": "too many clients (max 3)"
+        }
+        assert await refused.read() == b""
+    finally:
+        release.set()
+    assert json.loads(await owed_r.readline())["ok"]
+    assert json.loads(await new_r.readline())["ok"]
+    half_w.write(b' "data": 2}\n')
+    assert json.loads(await half_r.readline())["ok"]
+    # All three idle now: the one whose last line is oldest gives way.
+    assert (await exchange(server.path, [line]))[0]["ok"]
+    assert json.loads(await owed_r.readline()) == evicted
+    assert await owed_r.read() == b""
+    for writer in (half_w, new_w):
+        writer.close()
     await server.close()
+    assert outbox.depth(TELEMETRY)[0] == 4
 
 
 async def test_idle_and_slow_clients_are_disconnected(outbox: Outbox, short_dir: Path) -> None:
@@ -263,7 +342,9 @@ async def test_gate_refuses_with_its_reason(outbox: Outbox, short_dir: Path) -> 
     await server.close()
 
 
-async def test_store_full_is_an_answer(server: IngestServer, store: Store, outbox: Outbox) -> None:
+async def test_store_full_fails_the_lines_it_hits(
+    server: IngestServer, store: Store, outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
     line = b'{"topic": "a", "data": "' + b"x" * 900 + b'"}\n'
     assert (await exchange(server.path, [line]))[0]["ok"]
 
@@ -273,8 +354,12 @@ async def test_store_full_is_an_answer(server: IngestServer, store: Store, outbo
             db.execute(f"PRAGMA max_page_count = {pages}")
 
     await store.run(limit, None)
-    answers = await exchange(server.path, [line] * 20)
-    assert any("store full" in a.get("error", "") for a in answers)
+    answers: list[dict[str, Any]] = []
+    while all(a["ok"] for a in answers):  # readings the outbox still holds outside SQLite pass
+        assert len(answers) < 20_000, "the store never filled up"
+        answers += await exchange(server.path, [line] * 50)
+    assert {a["error"][:10] for a in answers if not a["ok"]} == {"store full"}
+    assert not [r for r in caplog.records if r.name.startswith("agent.telemetry.ingest")]
     await store.run(limit, 1000000)
     assert (await exchange(server.path, [line]))[0]["ok"]
 
@@ -392,6 +477,26 @@ AGENT = textwrap.dedent(
 )
 
 
+STORED = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from agent.core.store import Store
+    from agent.telemetry.outbox import TELEMETRY, Outbox
+
+    outbox = Outbox(Store(sys.argv[1]), max_bytes=1 << 30, max_age=1e9)
+    readings = asyncio.run(outbox.fetch(TELEMETRY, 1 << 20, 1 << 40))
+    print(json.dumps([r.id for r in readings]))
+    """
+)
+
+
+def stored_ids(db: Path) -> set[str]:
+    """The ids the outbox holds, as an agent starting again on ``db`` finds them."""
+    done = subprocess.run([sys.executable, "-c", STORED, str(db)], capture_output=True,
+                          check=True, cwd=ROOT, timeout=WAIT)
+    return set(json.loads(done.stdout))
+
+
 def test_sigkill_mid_stream_loses_no_acked_reading(short_dir: Path) -> None:
     db, path = short_dir / "agent.db", short_dir / "agent.sock"
     acked: list[str] = []
@@ -419,8 +524,6 @@ def test_sigkill_mid_stream_loses_no_acked_reading(short_dir: Path) -> None:
                 acked.append(json.loads(line)["id"])
         store = Store(db)
         assert store.integrity_check() == "ok"
-        prefix = store.query("SELECT value FROM meta WHERE key = 'outbox.id_prefix'")[0][0]
-        present = {f"{prefix}-{seq}" for (seq,) in store.query("SELECT seq FROM outbox")}
-        assert set(acked) <= present
         store.close()
+        assert set(acked) <= stored_ids(db)
     assert len(acked) == len(set(acked))

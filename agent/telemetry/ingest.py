@@ -1,15 +1,17 @@
 """Local ingestion: apps hand readings to the agent over a Unix socket (DESIGN.md).
 
 One JSON object per line in, one answer per line out, in order: ``{"ok": true, "id": ...}``
-once the reading is committed, or ``{"ok": false, "error": "<why>"}``. Blank lines are
-ignored. Clients may pipeline; lines from all clients are committed together (group commit:
-what arrives while a commit is in flight goes into the next one, plus a few milliseconds of
-linger), so the disk sees one sync per batch.
+once the reading is committed, or ``{"ok": false, "error": "<why>"}``; blank lines are
+ignored. Clients may pipeline; lines from all clients are committed together (what arrives
+while a commit is in flight goes into the next one, after a few milliseconds of linger).
 
 Hostile input never stops the server: an oversize line is answered at once and skipped
-without being buffered, binary garbage and bad JSON get an error, a client that sends no
-complete line (or reads no answers) for ``client_timeout`` seconds is disconnected, and
-clients beyond ``max_clients`` are told so and closed.
+without being buffered, binary garbage and bad JSON get an error, and a client that sends no
+complete line (or reads no answers) for ``client_timeout`` seconds is disconnected. A reading
+fails alone: the outbox checks each line before it joins a group, and a group it still refuses
+is committed again line by line. With ``max_clients`` connected, a newcomer takes the slot of
+the idlest client (oldest last line, none half sent, no answer owed), told why and closed; if
+every client is busy, the newcomer is told so and closed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 from agent.core.readings import PRIORITY_MAX, PRIORITY_MIN, topic_problem
 from agent.core.store import StoreError
-from agent.telemetry.outbox import TELEMETRY, Item, Outbox, compact_json
+from agent.telemetry.outbox import TELEMETRY, Item, Outbox, OutboxError, compact_json
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +86,8 @@ def parse_line(line: bytes, now: float) -> Item | str:
     if isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 < ts < 1e10:
         return "bad ts: expected Unix seconds (a positive number, not milliseconds)"
     priority = obj.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        return f"bad priority: expected an integer {PRIORITY_MIN}..{PRIORITY_MAX}"
-    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+    if (isinstance(priority, bool) or not isinstance(priority, int)
+            or not PRIORITY_MIN <= priority <= PRIORITY_MAX):
         return f"bad priority: expected an integer {PRIORITY_MIN}..{PRIORITY_MAX}"
     try:
         data = compact_json(obj["data"])
@@ -106,19 +107,11 @@ class _Slot:
 
 class IngestServer:
     def __init__(
-        self,
-        outbox: Outbox,
-        socket_path: Path,
-        *,
-        group: str | None = None,
-        max_line: int = 65536,
-        max_clients: int = 64,
-        client_timeout: float = 60.0,
-        gates: Sequence[Gate] = (),
-        linger: float = 0.002,
-        max_batch: int = 512,
+        self, outbox: Outbox, socket_path: Path, *, group: str | None = None,
+        max_line: int = 65536, max_clients: int = 64, client_timeout: float = 60.0,
+        gates: Sequence[Gate] = (), linger: float = 0.002, max_batch: int = 512,
         clock: Callable[[], float] = time.time,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.path = socket_path
         self._outbox = outbox
         self._group = group
@@ -186,10 +179,8 @@ class IngestServer:
                 except LookupError:
                     raise IngestError(f"ingest.group: no group named {self._group!r}") from None
                 except OSError as exc:
-                    raise IngestError(
-                        f"ingest.group: cannot give {self.path} to group {self._group!r}:"
-                        f" {exc.strerror}"
-                    ) from None
+                    why = f"cannot give {self.path} to group {self._group!r}: {exc.strerror}"
+                    raise IngestError(f"ingest.group: {why}") from None
             os.rename(temp, self.path)
             self._inode = os.stat(self.path).st_ino
         except BaseException:
@@ -220,10 +211,23 @@ class IngestServer:
     # -- committing ----------------------------------------------------------------------------
 
     def refusal(self) -> str | None:
-        for gate in self._gates:
-            if reason := gate():
-                return reason
+        return next(filter(None, (gate() for gate in self._gates)), None)
+
+    def check(self, item: Item) -> str | None:
+        """Why the outbox would refuse ``item`` on its own, or None."""
+        try:
+            self._outbox.check([item])
+        except OutboxError as exc:
+            return f"bad reading: {exc}"
         return None
+
+    def make_room(self) -> bool:
+        """Evict the idlest client that is not inside a line and owes or is owed nothing."""
+        idle = [client for client in self.clients if client.idle()]
+        if idle:
+            min(idle, key=lambda client: client.last_line).evict(
+                f"evicted: all {self.max_clients} client slots taken, this one the idlest")
+        return bool(idle)
 
     def submit(self, client: _Client, slot: _Slot, item: Item) -> None:
         self._queue.append((client, slot, item))
@@ -243,20 +247,29 @@ class IngestServer:
             self._idle.set()
 
     async def _commit(self, batch: list[tuple[_Client, _Slot, Item]]) -> None:
-        try:
-            ids = await self._outbox.add_async([item for _, _, item in batch])
-            answers = [b'{"ok":true,"id":"%s"}\n' % i.encode() for i in ids]
-        except StoreError as exc:  # StoreFull included: its message says "store full"
-            answers = [error_line(str(exc))] * len(batch)
-        except Exception as exc:
-            log.exception("ingest commit failed")
-            answers = [error_line(f"internal error: {exc}")] * len(batch)
+        answers = await self._add([item for _, _, item in batch])
         clients = set()
         for (client, slot, _), answer in zip(batch, answers, strict=True):
             slot.answer = answer
             clients.add(client)
         for client in clients:
             client.flush()
+
+    async def _add(self, items: list[Item]) -> list[bytes]:
+        """One answer per item: committed together, or, when the group fails for any reason
+        but the store's, each alone, so that one bad reading fails no other line."""
+        try:
+            ids = await self._outbox.add_async(items)
+        except StoreError as exc:  # StoreFull included: its message says "store full"
+            return [error_line(str(exc))] * len(items)
+        except Exception as exc:
+            if len(items) > 1:
+                return [answer for item in items for answer in await self._add([item])]
+            if isinstance(exc, OutboxError):
+                return [error_line(f"bad reading: {exc}")]
+            log.exception("ingest commit failed")
+            return [error_line(f"internal error: {exc}")]
+        return [b'{"ok":true,"id":"%s"}\n' % i.encode() for i in ids]
 
 
 class _Client(asyncio.Protocol):
@@ -268,13 +281,13 @@ class _Client(asyncio.Protocol):
         self._pending: deque[_Slot] = deque()
         self._write_paused = False
         self._reading = True
-        self._last_line = time.monotonic()
+        self.last_line = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         server = self._server
-        if len(server.clients) >= server.max_clients:
+        if len(server.clients) >= server.max_clients and not server.make_room():
             transport.write(error_line(f"too many clients (max {server.max_clients})"))
             transport.close()
             return
@@ -315,14 +328,12 @@ class _Client(asyncio.Protocol):
         self.flush()
 
     def _line(self, line: bytes) -> None:
-        self._last_line = time.monotonic()
+        self.last_line = time.monotonic()
         if not line.strip():
             return
-        refusal = self._server.refusal()
-        if refusal is not None:
-            self._answer(error_line(refusal))
-            return
-        parsed = parse_line(line, self._server.clock())
+        parsed = self._server.refusal() or parse_line(line, self._server.clock())
+        if isinstance(parsed, tuple):
+            parsed = self._server.check(parsed) or parsed
         if isinstance(parsed, str):
             self._answer(error_line(parsed))
             return
@@ -358,11 +369,10 @@ class _Client(asyncio.Protocol):
         if self._transport is None or self._transport.is_closing():
             return
         want = not self._write_paused and len(self._pending) < MAX_PENDING and self._reading
-        if want != self._transport.is_reading():
-            if want:
-                self._transport.resume_reading()
-            else:
-                self._transport.pause_reading()
+        if want and not self._transport.is_reading():
+            self._transport.resume_reading()
+        elif not want and self._transport.is_reading():
+            self._transport.pause_reading()
 
     def stop_reading(self) -> None:
         self._reading = False
@@ -372,18 +382,29 @@ class _Client(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def idle(self) -> bool:
+        """Connected, not inside a line, owing no answer and reading those it was sent."""
+        busy = self._buf or self._skipping or self._pending or self._write_paused
+        return self._transport is not None and not busy
+
+    def evict(self, why: str) -> None:
+        """Give up the slot now; the idle timer still drops a peer that never reads ``why``."""
+        self._server.clients.discard(self)
+        if self._transport is not None:
+            self._transport.write(error_line(why))
+            self._transport.close()
+
     # -- timing out ----------------------------------------------------------------------------
 
     def _arm(self, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(delay, self._check_idle)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._check_idle)
 
     def _check_idle(self) -> None:
         timeout = self._server.client_timeout
-        idle = time.monotonic() - self._last_line
-        waiting_on_us = any(slot.answer is None for slot in self._pending)
+        idle = time.monotonic() - self.last_line
         if self._transport is None:
             return
+        waiting_on_us = any(slot.answer is None for slot in self._pending)
         if idle < timeout or (waiting_on_us and not self._write_paused):
             self._arm(max(timeout - idle, 0.05))
             return
