@@ -22,6 +22,7 @@ from typing import Any
 from agent.cli.errors import CliError
 from agent.core import config, runtime
 from agent.core.runtime import STALE
+from agent.telemetry import spool
 
 MARKER = "decommission"  # agent.sim.decommission.MARKER (not imported: status stays light)
 WIPE_REQUEST = "wipe-requested"  # agent.sim.decommission.WIPE_REQUEST, beside the database
@@ -58,8 +59,8 @@ def read_status(path: Path, device_id: str, now: float | None = None) -> dict[st
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         row = runtime.read(db)
-        streams = db.execute("SELECT stream, COUNT(*), TOTAL(size) FROM outbox GROUP BY stream")
-        depth = {s: {"count": c, "bytes": int(b)} for s, c, b in streams}
+        waiting = spool.waiting(db, spool.journal_of(path))
+        depth = {s: {"count": c, "bytes": b} for s, (c, b) in sorted(waiting.items())}
         drops = {
             r: {"count": c, "bytes": b}
             for r, c, b in db.execute("SELECT reason, count, bytes FROM outbox_drops")

@@ -1,9 +1,10 @@
 """The agent's one SQLite database: every durable thing lives here.
 
 - WAL journal, ``synchronous=FULL``: in WAL mode ``NORMAL`` only syncs at checkpoints, so a
-  power cut can take back transactions that were already acknowledged to their producers. With
-  ``FULL`` each commit syncs the WAL once; callers group their writes (the ingest server commits
-  many readings per transaction), so an SD card sees one sync per batch, not one per reading.
+  power cut can take back transactions that were already acknowledged. With ``FULL`` each
+  commit syncs the WAL once. Readings do not come here one by one (the outbox's journal takes
+  them, :mod:`agent.telemetry.spool`), so commits are few; the WAL is checkpointed every 256
+  pages and kept to 1 MiB, which a nearly full disk can spare.
 - Schema versioned by ``PRAGMA user_version`` (:mod:`agent.core.schema`), each migration in its
   own transaction.
 - The event loop never commits. Every write runs on the store's one writer thread, in the order
@@ -111,7 +112,7 @@ class Store:
                 raise StoreError(f"{self.path}: cannot use WAL journal (got {mode!r})")
             self._db.executescript(
                 "PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;"
-                " PRAGMA journal_size_limit=4194304;"
+                " PRAGMA journal_size_limit=1048576; PRAGMA wal_autocheckpoint=256;"
             )
             self._migrate(migrations)
             reader = _connect(self.path)

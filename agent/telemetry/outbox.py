@@ -43,7 +43,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from agent.core.disk import free_bytes
 from agent.core.store import Store, StoreError, StoreFull
@@ -77,11 +76,6 @@ JOURNAL_BYTES = 256 * 1024  # [outbox] journal_bytes: readings in the journal be
 DURABILITY = ("crash-safe", "power-safe")  # [store] durability
 _EXPIRE_INTERVAL = 60.0
 DropCallback = Callable[[int, int, str], None]
-
-
-def journal_path(store: Store) -> Path:
-    """The outbox's journal file, beside the database."""
-    return store.path.with_name(store.path.name + "-outbox")
 
 
 class Outbox:
@@ -119,7 +113,7 @@ class Outbox:
         self._acking: set[int] = set()  # delivered, in the table until their delete commits
         self._remover = table.Remover(store, done=self._deleted, pending=self._pending,
                                       min_free=min_free_bytes)
-        path = journal_path(store)
+        path = spool.journal_of(store.path)
         kept = spool.read(path)
         with store.transaction() as db:
             self._prefix, last, rows, self._table = table.open_table(db, kept.rows)
@@ -186,14 +180,16 @@ class Outbox:
         return row_of(item, now, self._max_bytes)
 
     def _limit(self) -> int:
-        """``max_bytes``, lowered so that the disk keeps ``min_free_bytes`` free."""
+        """``max_bytes``, lowered so that the disk keeps ``min_free_bytes`` free: with less
+        free, the outbox grows no more (a dropped reading's pages take the next ones); with
+        more, by half the room (a reading takes about twice its size on disk)."""
         if not self._min_free:
             return self._max_bytes
         try:
             room = free_bytes(self._store.path.parent) - self._min_free
         except OSError:
             return self._max_bytes
-        return min(self._max_bytes, self.depth()[1] + room)
+        return min(self._max_bytes, self.depth()[1] + max(0, room) // 2)
 
     def _take_seqs(self, n: int) -> int:
         with self._mem:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sqlite3
 import threading
 import zlib
 from collections import OrderedDict
@@ -295,3 +296,29 @@ class Journal:
     def restart(self, next_seq: int) -> None:
         """A new file holding the live readings only. Raises OSError."""
         self.file.restart(next_seq, self.rows())
+
+
+def table_depths(db: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+    """(count, bytes) per stream of the outbox's table."""
+    return {stream: (count, int(size)) for stream, count, size in db.execute(
+        "SELECT stream, COUNT(*), TOTAL(size) FROM outbox GROUP BY stream")}
+
+
+def waiting(db: sqlite3.Connection, journal: Path) -> dict[str, tuple[int, int]]:
+    """(count, bytes) per stream of the whole outbox, table and journal, read from outside
+    the agent (``simkeeper status``: ``db`` read-only)."""
+    depth = table_depths(db)
+    rows = read(journal).rows
+    if rows:
+        moved = {s for (s,) in db.execute("SELECT seq FROM outbox WHERE seq >= ?",
+                                          (rows[0][0],))}
+        for seq, stream, size, *_ in rows:
+            if seq not in moved:
+                count, total = depth.get(stream, (0, 0))
+                depth[stream] = (count + 1, total + size)
+    return depth
+
+
+def journal_of(database: Path) -> Path:
+    """The outbox's journal file of the database at ``database``."""
+    return database.with_name(database.name + "-outbox")

@@ -20,7 +20,7 @@ from agent.core.backoff import Backoff
 from agent.core.disk import RESERVE_BYTES, Reserve, free_bytes
 from agent.core.store import Store, StoreError, StoreFull
 from agent.telemetry.reading import Row
-from agent.telemetry.spool import SpoolRow
+from agent.telemetry.spool import SpoolRow, table_depths
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def open_table(db: sqlite3.Connection, journal: list[SpoolRow]) -> tuple[
         moved = {s for (s,) in db.execute("SELECT seq FROM outbox WHERE seq >= ?",
                                           (journal[0][0],))}
         journal = [r for r in journal if r[0] not in moved]
-    return str(prefix), int(last), journal, depths(db)
+    return str(prefix), int(last), journal, table_depths(db)
 
 
 def insert(db: sqlite3.Connection, rows: Iterable[SpoolRow], *, again: bool = False) -> None:
@@ -122,11 +122,6 @@ def unreported_drops(db: sqlite3.Connection) -> list[tuple[str, int, int, int]]:
     if rows:
         db.execute("UPDATE outbox_drops SET reported_count = count, reported_bytes = bytes")
     return rows
-
-
-def depths(db: sqlite3.Connection) -> dict[str, tuple[int, int]]:
-    return {stream: (count, int(size)) for stream, count, size in db.execute(
-        "SELECT stream, COUNT(*), TOTAL(size) FROM outbox GROUP BY stream")}
 
 
 class Tally:
