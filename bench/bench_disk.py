@@ -10,8 +10,10 @@ page cache, i.e. what will reach the disk) and the ``fsync``/``fdatasync`` calls
 - idle: nothing sent for the window; what the agent writes on its own;
 - outage: the broker is down while the same steady load arrives (the readings stay on disk).
 
-``BENCH_DISK_SECONDS`` sets each window (default 60 s), ``BENCH_DISK_RATE`` the steady rate
-(default 10 readings/s). Measurements only; nothing is asserted.
+``BENCH_DISK_SECONDS`` sets the steady and outage windows (default 60 s),
+``BENCH_DISK_IDLE_SECONDS`` the idle one (default 300 s: the agent's own writes come every few
+minutes), ``BENCH_DISK_RATE`` the steady rate (default 10 readings/s). Measurements only;
+nothing is asserted.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.fleet.localbroker import LocalBroker, end_process, find_mosquitto
+from agent.fleet.localbroker import end_process, find_mosquitto
 from bench.bench_bridge import Agent, agent_config, cloud_broker, start_simulator
 
 SECONDS = float(os.environ.get("BENCH_DISK_SECONDS", "60"))
+IDLE_SECONDS = float(os.environ.get("BENCH_DISK_IDLE_SECONDS", "300"))
 RATE = float(os.environ.get("BENCH_DISK_RATE", "10"))
 GOAL_PER_READING = 1024  # bytes written per reading at a steady 10 readings/s
 GOAL_IDLE_PER_HOUR = 0.5 * 1024 * 1024
@@ -94,8 +97,9 @@ def measure(agent: Agent, load: str) -> dict[str, float]:
     before = write_bytes(pid)
     with syncs(pid) as counted:
         started = time.monotonic()
-        readings = steady(agent.socket, RATE, SECONDS) if load != "idle" else 0
-        time.sleep(max(0.0, started + SECONDS - time.monotonic()))
+        window = IDLE_SECONDS if load == "idle" else SECONDS
+        readings = steady(agent.socket, RATE, window) if load != "idle" else 0
+        time.sleep(max(0.0, started + window - time.monotonic()))
         elapsed = time.monotonic() - started
     written = write_bytes(pid) - before
     return {"readings": readings, "written": written, "seconds": elapsed,
@@ -145,7 +149,8 @@ def main() -> None:
     if binary is None:
         print("bench_disk: no mosquitto binary; skipped")
         return
-    print(f"SD card: {SECONDS:g} s windows, /proc/PID/io write_bytes and strace -c"
+    print(f"SD card: {SECONDS:g} s windows ({IDLE_SECONDS:g} s idle), /proc/PID/io write_bytes"
+          " and strace -c"
           f" (fsync+fdatasync){'' if shutil.which('strace') else ' (strace missing: -1)'}")
     with tempfile.TemporaryDirectory(prefix="bench-disk-") as tmp:
         directory = Path(tmp)
@@ -156,8 +161,6 @@ def main() -> None:
         finally:
             end_process(sim)
 
-
-__all__ = ["LocalBroker", "main"]
 
 if __name__ == "__main__":
     main()
