@@ -4,12 +4,16 @@ a kill between the move and the journal's restart duplicates nothing."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from agent.core.store import Store
 from agent.telemetry import spool, table
 from agent.telemetry.outbox import TELEMETRY, Outbox
 from agent.telemetry.spool import SpoolRow
+from tests.broker import wait_until
 
 T0 = 1_750_000_000.0
 
@@ -103,3 +107,30 @@ def test_a_kill_between_a_move_and_the_journal_restart_duplicates_nothing(
     assert spool.read(path).rows == []  # the journal started again without them
     outbox.close()
     store.close()
+
+
+def test_crash_safe_syncs_within_the_interval_and_power_safe_before_returning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        real(fd)
+        synced.append(fd)
+
+    monkeypatch.setattr(spool.os, "fdatasync", counting)
+    crash_safe = spool.Journal(tmp_path / "a", power_safe=False, sync_interval=0.2, rows=[],
+                               next_seq=1)
+    synced.clear()  # the restart at open syncs its new file
+    crash_safe.add([row(1)])
+    crash_safe.add([row(2)])  # the same sync covers both
+    wait_until(lambda: len(synced) == 1, what="the timed sync")
+    crash_safe.add([row(3)])
+    wait_until(lambda: len(synced) == 2, what="the next timed sync")
+    power_safe = spool.Journal(tmp_path / "b", power_safe=True, sync_interval=60, rows=[],
+                               next_seq=1)
+    synced.clear()
+    power_safe.add([row(1)])
+    assert len(synced) == 1  # before add returned
+    crash_safe.file.close()
+    power_safe.file.close()
