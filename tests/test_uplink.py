@@ -326,9 +326,14 @@ async def test_rate_limit_holds_in_every_window(
         return publish(client, topic, *args, **kwargs)
 
     monkeypatch.setattr(mqtt.Client, "publish", timed)
-    settings = uplink_settings(broker.port, batch_max_count=2, rate_messages_per_minute=240)
-    ids = fill(outbox, 40)
-    await start(running, MqttUplink(settings, "gw-test", outbox))
+    # Two readings to a batch, by count while the rate lets batches go and by bytes while it
+    # holds them back (then batches grow up to batch_max_bytes): uncompressed, a third of these
+    # readings would take a batch past 900 bytes.
+    settings = uplink_settings(
+        broker.port, batch_max_count=2, batch_max_bytes=900, rate_messages_per_minute=240
+    )
+    ids = outbox.add([("telemetry", "t", json.dumps("x" * 300), 1.0, 0)] * 40)
+    await start(running, MqttUplink(settings, "gw-test", outbox, compress=False))
     await until(lambda: len(sub.readings()) == 40, "the readings")
     assert [r["id"] for r in sub.readings()] == ids
     assert len(sent) == len(sub.on("telemetry")) == 20

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.core.backoff import Backoff
 from agent.core.config import ConfigError, parse
 from agent.fleet.localbroker import free_port
 from agent.telemetry.mqtt import MqttUplink
@@ -135,25 +135,47 @@ def test_last_will_marks_a_killed_agent_offline(broker: Broker, tmp_path: Path) 
 
 @pytest.mark.parametrize("far_end", ["broker down", "broker kicks after CONNACK"])
 async def test_reconnects_back_off_without_a_storm(tmp_path: Path, far_end: str) -> None:
-    """With reconnect_max = 0.5 s, full jitter averages 0.25 s between attempts once capped:
-    about 12 attempts in 3 s. A storm (no backoff, or a backoff reset by each short-lived
-    connection) makes hundreds. The bound, 40, is far from both."""
+    """Neither a refused connection nor one kicked right after CONNACK (no PUBACK came) resets
+    the backoff: it grows over the attempts. A storm (no backoff, or one reset by each short-lived
+    connection) would keep it at its first step."""
     kicker = Kicker() if far_end.startswith("broker kicks") else None
     port = kicker.port if kicker else free_port()
-    uplink = MqttUplink(uplink_settings(port), "gw-test", open_outbox(tmp_path))
+    backoff = Backoff(0.01, 3600.0)
+    uplink = MqttUplink(uplink_settings(port), "gw-test", open_outbox(tmp_path), backoff=backoff)
     await uplink.start()
     try:
-        await until(lambda: uplink.connect_attempts >= 2, "the first attempts")
-        first = uplink.connect_attempts
-        await asyncio.sleep(3.0)  # the window in which attempts are counted
-        attempts = uplink.connect_attempts - first
-        assert 2 <= attempts <= 40
+        await until(lambda: uplink.connect_attempts >= 6, "six attempts")
+        assert backoff.attempts >= 5  # one delay before each attempt after the first
         if kicker:  # each attempt got through to CONNACK and was kicked
-            assert kicker.accepted >= uplink.connect_attempts - 1
+            assert kicker.accepted >= 5
     finally:
         await uplink.stop()
         if kicker:
             kicker.close()
+
+
+async def test_rejoins_a_broker_restarted_again_and_again_at_once(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """A PUBACK proves a connection, and its loss starts the backoff from the bottom again. The
+    backoff here would grow towards an hour: a reset missed at any restart leaves the uplink
+    waiting out a grown delay, and the wait for it to come back gives up."""
+    backoff = Backoff(0.05, 3600.0)
+    uplink = MqttUplink(
+        uplink_settings(broker.port), "gw-test", open_outbox(tmp_path), backoff=backoff
+    )
+    await uplink.start()
+    try:
+        for restart in range(6):
+            # attempts == 0: reset by the PUBACK of this connection's "online"
+            await until(lambda: uplink.ready and backoff.attempts == 0, f"connection {restart}")
+            broker.kill()
+            refused = uplink.connect_attempts + 4  # the backoff grows while the broker is down
+            await until(lambda n=refused: uplink.connect_attempts >= n, "refused attempts")
+            broker.start()
+        await until(lambda: uplink.ready and backoff.attempts == 0, "the last connection")
+    finally:
+        await uplink.stop()
 
 
 @pytest.mark.parametrize("keepalive", [0, 4, 1201])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from agent.core.backoff import Backoff
@@ -55,6 +57,25 @@ async def test_charged_control_messages_slow_later_batches() -> None:
         limiter.charge(10)  # state, results: go at once
     await limiter.acquire(1)
     assert t.now == pytest.approx(6.0)
+
+
+def test_room_is_what_the_byte_budget_holds_when_a_held_message_may_go() -> None:
+    t = VirtualTime()
+    limiter = RateLimiter(60, 6000, min_burst_bytes=4000, clock=t.clock, sleep=t.sleep)
+    assert limiter.room() is None  # a message may go now: no reason to grow it
+    limiter.charge(3000)  # the one-message burst, and 3000 of the 4000 bytes
+    assert limiter.room() == pytest.approx(1000 + 100)  # in 1 s: the rest, and 100 B earned
+    t.now += 0.5
+    assert limiter.room() == pytest.approx(1100)  # the same moment, seen from later
+    # A debt (1050 held, 5000 charged): in the 1.5 s until the next message may go, 150 B more.
+    limiter.charge(5000)
+    assert limiter.room() == pytest.approx(-3800)
+    t.now += 60
+    assert limiter.room() is None
+    unlimited_bytes = RateLimiter(60, None, clock=t.clock, sleep=t.sleep)
+    unlimited_bytes.charge(1)
+    assert unlimited_bytes.room() == math.inf
+    assert RateLimiter(None, 6000, clock=t.clock, sleep=t.sleep).room() is None
 
 
 def test_bucket_rejects_nonsense() -> None:

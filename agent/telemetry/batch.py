@@ -20,6 +20,7 @@ import json
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _string
 from typing import Any, Protocol
 
 # Header bytes of a zlib stream with the default window (RFC 1950: CMF 0x78).
@@ -27,6 +28,8 @@ ZLIB_MAGIC = 0x78
 _JSON_MAGIC = ord("{")
 # Level 6 costs little CPU on a Pi and gets within a few percent of level 9 on JSON.
 _LEVEL = 6
+# Compressions spent guessing a batch's count by its payload size before halving the range.
+_INTERPOLATIONS = 4
 
 
 class BatchError(ValueError):
@@ -70,11 +73,10 @@ def batch_id_for(ids: Sequence[str]) -> str:
 
 
 def _entry(reading: ReadingLike) -> str:
-    head = json.dumps(
-        {"id": reading.id, "ts": reading.ts, "topic": reading.topic}, separators=(",", ":")
-    )
-    # The reading's data is already compact JSON text: splice it in rather than re-encode it.
-    return f'{head[:-1]},"data":{reading.data}}}'
+    """What ``json.dumps`` makes of the reading, compact, at a quarter of its cost: every
+    reading of a backlog goes through here. The data is already compact JSON text: spliced in."""
+    return (f'{{"id":{_string(reading.id)},"ts":{float(reading.ts)!r},'
+            f'"topic":{_string(reading.topic)},"data":{reading.data}}}')
 
 
 def _envelope(device_id: str, batch_id: str, entries: Sequence[str]) -> str:
@@ -86,12 +88,9 @@ def _envelope(device_id: str, batch_id: str, entries: Sequence[str]) -> str:
 _ENVELOPE_FIXED = len(_envelope("", "0" * 32, []))
 
 
-def fit(device_id: str, readings: Sequence[ReadingLike], max_bytes: int) -> list[str]:
-    """The JSON entries of the longest prefix of ``readings`` whose batch fits in ``max_bytes``.
-
-    At least one reading is always taken (a single oversized reading must not block its
-    stream for ever). The caller sends the rest in a later batch.
-    """
+def _fit(device_id: str, readings: Sequence[ReadingLike], max_bytes: int) -> list[str]:
+    """The JSON entries of the longest prefix of ``readings`` whose JSON fits in ``max_bytes``
+    (at least one reading)."""
     budget = max_bytes - _ENVELOPE_FIXED - len(json.dumps(device_id)) + 2
     entries: list[str] = []
     for reading in readings:
@@ -107,7 +106,7 @@ def fit(device_id: str, readings: Sequence[ReadingLike], max_bytes: int) -> list
 def encode_entries(
     device_id: str, ids: Sequence[str], entries: Sequence[str], *, compress: bool = True
 ) -> EncodedBatch:
-    """The wire form of a batch from ``fit``'s entries and their reading ids."""
+    """The wire form of a batch from its JSON entries and their reading ids."""
     if not entries or len(ids) != len(entries):
         raise ValueError("a batch needs at least one reading, and one id per entry")
     bid = batch_id_for(ids)
@@ -127,10 +126,36 @@ def encode_batch(
     *,
     compress: bool = True,
 ) -> EncodedBatch:
-    """Encode the longest prefix of ``readings`` that fits in ``max_bytes`` (see ``fit``)."""
-    entries = fit(device_id, readings, max_bytes)
-    ids = [r.id for r in readings[: len(entries)]]
-    return encode_entries(device_id, ids, entries, compress=compress)
+    """The longest prefix of ``readings`` whose payload (what goes on the wire, compressed or
+    not) fits in ``max_bytes``. At least one reading is always taken (a single oversized reading
+    must not block its stream for ever). The caller sends the rest in a later batch."""
+    entries = _fit(device_id, readings, max_bytes)  # these fit uncompressed, so in any case
+    ids = [r.id for r in readings]
+    if not compress or len(entries) == len(readings):
+        return encode_entries(device_id, ids[: len(entries)], entries, compress=compress)
+    lo, hi = len(entries), len(readings) + 1  # lo readings fit, hi do not
+    entries += [_entry(r) for r in readings[lo:]]
+    best: EncodedBatch | None = None
+    # Compressed, more may fit. The payload grows about linearly with the count: interpolate
+    # from the largest count known to fit (0 bytes for none) towards the smallest known not to,
+    # starting with all of them; then, should that close in slowly, halve.
+    below, below_size, above_size = 0, 0, 0
+    probe = 0
+    while hi - lo > 1:
+        if probe == 0:
+            n = len(readings)
+        elif probe < _INTERPOLATIONS:
+            n = below + (hi - below) * (max_bytes - below_size) // (above_size - below_size)
+        else:
+            n = (lo + hi) // 2
+        n = min(hi - 1, max(lo + 1, n))
+        probe += 1
+        batch = encode_entries(device_id, ids[:n], entries[:n])
+        if len(batch.payload) <= max_bytes:
+            lo, best, below, below_size = n, batch, n, len(batch.payload)
+        else:
+            hi, above_size = n, len(batch.payload)
+    return best or encode_entries(device_id, ids[:lo], entries[:lo])
 
 
 def decode_batch(payload: bytes) -> dict[str, Any]:

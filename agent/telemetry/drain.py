@@ -17,7 +17,7 @@ from os import PathLike
 from typing import Protocol
 
 from agent.core.backoff import Backoff
-from agent.telemetry.batch import EncodedBatch, encode_entries, fit
+from agent.telemetry.batch import EncodedBatch, encode_batch
 from agent.telemetry.outbox import EVENTS, TELEMETRY, USAGE, Reading
 from agent.telemetry.pacing import RateLimiter
 
@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 # Order of service when several streams have work: alarms first, bulk telemetry last.
 STREAMS = (EVENTS, USAGE, TELEMETRY)
+# A batch's readings are fetched by their outbox bytes, estimated from the stream's last batch;
+# a quarter more than that estimate, so a batch is seldom short of what fits.
+_FETCH_SLACK = 1.25
 
 StrPath = str | PathLike[str]
 
@@ -109,8 +112,27 @@ class UplinkStats:
     json_bytes: int = 0  # the same batches as uncompressed JSON
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    stream: str
+    batch: EncodedBatch
+    size: int  # its readings' outbox size
+
+
+@dataclass(frozen=True, slots=True)
+class _Flight(_Batch):
+    """A batch handed to the transport and not yet acknowledged."""
+
+    future: asyncio.Future[None]
+
+
 class Drainer:
     """Moves readings from the outbox to a transport, at most ``window`` batches in flight.
+
+    A batch holds at most ``batch_max_count`` readings and ``batch_max_bytes`` of payload. While
+    the message rate holds batches back, the count cap is lifted: a batch carries what the byte
+    budget allows by the time it may go (agent.telemetry.pacing, ``room``), up to
+    ``batch_max_bytes``, so a backlog drains at the byte budget.
 
     ``allow(reading)`` (usage plan throttling) may refuse a reading: it is then dropped from
     the outbox unsent and counted in ``stats.filtered``, since deferring it would spend the
@@ -149,9 +171,12 @@ class Drainer:
         self._clock = clock
         self._wall = wall
         self._telemetry_allowed = True
-        self._inflight: dict[str, tuple[str, asyncio.Future[None]]] = {}
+        self._inflight: dict[str, _Flight] = {}
         self._inflight_ids: set[str] = set()
         self._pending_since: dict[str, float] = {}
+        # Per stream, readings and outbox bytes per payload byte in its last batch: how much to
+        # fetch for a batch of so many bytes.
+        self._per_byte: dict[str, tuple[float, float]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._failed = False
         self._wake = asyncio.Event()
@@ -179,8 +204,8 @@ class Drainer:
             remove()
             if self._timer:
                 self._timer.cancel()
-            for _, future in list(self._inflight.values()):
-                future.cancel()  # unacknowledged: the readings stay in the outbox
+            for flight in list(self._inflight.values()):
+                flight.future.cancel()  # unacknowledged: the readings stay in the outbox
 
     async def _drain(self) -> None:
         while True:
@@ -193,21 +218,27 @@ class Drainer:
             if picked is None:
                 await self._wake.wait()
                 continue
-            stream, batch = picked
-            await self._limiter.acquire(len(batch.payload))
+            await self._limiter.acquire(len(picked.batch.payload))
             # The link may have dropped, or telemetry been suspended, while we waited.
-            if self._transport.ready and self._open(stream):
-                self._submit(stream, batch)
+            if self._transport.ready and self._open(picked.stream):
+                self._submit(picked)
 
     def _open(self, stream: str) -> bool:
         return self._telemetry_allowed or stream != TELEMETRY
 
-    async def _fetch(self, stream: str) -> list[Reading]:
-        """The stream's oldest readings not already in flight, after the allow() hook."""
+    async def _fetch(self, stream: str, count: int, size: int) -> tuple[list[Reading], bool]:
+        """The stream's oldest readings not already in flight, after the allow() hook: at most
+        ``count`` of them and about ``size`` outbox bytes; and whether more may be waiting."""
+        flights = [f for f in self._inflight.values() if f.stream == stream]
         # In-flight readings are still the oldest in the outbox: ask for that much more.
-        spare = 1 + sum(1 for s, _ in self._inflight.values() if s == stream)
+        count += sum(len(f.batch.ids) for f in flights)
+        size += sum(f.size for f in flights)
         flying = set(self._inflight_ids)  # one acked during the fetch may still be in its rows
-        rows = await self._outbox.fetch(stream, self._max_count * spare, self._max_bytes * spare)
+        rows = await self._outbox.fetch(stream, count, size)
+        # The outbox stops before the reading that would go past ``size``: one as large as the
+        # largest here would have.
+        largest = max((r.size for r in rows), default=0)
+        more = len(rows) >= count or sum(r.size for r in rows) + largest > size
         fresh = [r for r in rows if r.id not in flying and r.id not in self._inflight_ids]
         if self._allow is not None:
             verdicts = [(r, self._allow(r)) for r in fresh]
@@ -215,31 +246,32 @@ class Drainer:
                 self._outbox.ack_soon(dropped)
                 self.stats.filtered += len(dropped)
                 fresh = [r for r, ok in verdicts if ok]
-        return fresh[: self._max_count]
+        return fresh, more
 
-    async def _pick(self) -> tuple[str, EncodedBatch] | None:
+    async def _pick(self) -> _Batch | None:
+        """The next batch due, in stream order."""
         now = self._clock()
+        room = self._limiter.room()
+        # Held back by the message rate, a batch carries the bytes it may by then, in any count.
+        max_bytes = self._max_bytes if room is None else max(1, int(min(self._max_bytes, room)))
         next_due: float | None = None
         for stream in STREAMS:
             # An empty stream (the outbox counts in memory) costs no trip to the store's thread.
-            wanted = self._open(stream) and self._outbox.depth(stream)[0] > 0
-            readings = await self._fetch(stream) if wanted else []
-            if not readings:
+            found = None
+            if self._open(stream) and self._outbox.depth(stream)[0] > 0:
+                found = await self._take(stream, max_bytes, held=room is not None)
+            if found is None:
                 self._pending_since.pop(stream, None)
                 continue
-            entries = fit(self._device_id, readings, self._max_bytes)
-            full = len(entries) < len(readings) or len(entries) >= self._max_count
+            oldest, picked, full = found
             # A partial batch waits at most the latency from its OLDEST reading's commit, not
             # from when the drainer first saw it: the tail of a backlog goes at once.
-            waited = max(0.0, self._wall() - readings[0].created)
+            waited = max(0.0, self._wall() - oldest.created)
             since = min(self._pending_since.setdefault(stream, now), now - waited)
             due = since + (self._latency if stream == TELEMETRY else 0.0)
             if full or now >= due:
                 del self._pending_since[stream]
-                ids = [r.id for r in readings[: len(entries)]]
-                return stream, encode_entries(
-                    self._device_id, ids, entries, compress=self._compress
-                )
+                return picked
             next_due = due if next_due is None else min(next_due, due)
         if next_due is not None:
             if self._timer:
@@ -247,9 +279,38 @@ class Drainer:
             self._timer = self._loop.call_later(next_due - now, self._wake.set)
         return None
 
-    def _submit(self, stream: str, batch: EncodedBatch) -> None:
-        future = self._transport.submit(stream, batch)
-        self._inflight[batch.batch_id] = (stream, future)
+    async def _take(
+        self, stream: str, max_bytes: int, *, held: bool
+    ) -> tuple[Reading, _Batch, bool] | None:
+        """The stream's next batch of at most ``max_bytes`` (and ``batch_max_count`` readings
+        unless ``held``): its oldest reading, the batch, and whether it is full (more wait)."""
+        known = stream in self._per_byte
+        while True:
+            count, size = self._max_count, max_bytes * _FETCH_SLACK
+            if stream in self._per_byte:
+                readings_per_byte, size_per_byte = self._per_byte[stream]
+                size *= size_per_byte
+                if held:
+                    count = 1 + int(max_bytes * readings_per_byte * _FETCH_SLACK)
+            readings, more = await self._fetch(stream, count, int(size))
+            if not readings:
+                return None
+            batch = encode_batch(self._device_id, readings[:count], max_bytes,
+                                 compress=self._compress)
+            taken = sum(r.size for r in readings[: len(batch.ids)])
+            self._per_byte[stream] = (len(batch.ids) / len(batch.payload),
+                                      taken / len(batch.payload))
+            full = more or len(batch.ids) < len(readings)
+            # Held back, with nothing known yet of the stream's readings, the first fetch took
+            # a normal batch's count: once more, now knowing how many make the bytes.
+            if known or not held or not more:
+                return readings[0], _Batch(stream, batch, taken), full
+            known = True
+
+    def _submit(self, picked: _Batch) -> None:
+        batch = picked.batch
+        future = self._transport.submit(picked.stream, batch)
+        self._inflight[batch.batch_id] = _Flight(picked.stream, batch, picked.size, future)
         self._inflight_ids.update(batch.ids)
         future.add_done_callback(lambda f: self._done(batch, f))
 

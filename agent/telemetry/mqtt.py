@@ -11,9 +11,10 @@ with key). Profiles: ``default`` speaks MQTT 5 and falls back to 3.1.1 when the 
 protocol version; ``beam`` (SORACOM Beam) speaks 3.1.1 with a clean session, keepalive within
 5-1200 s, and relies on no stored session: it subscribes again on every connection.
 
-Reconnects wait with exponential backoff and full jitter, reset only after a connection that
-lasted ``reconnect_max`` seconds, so a broker that kicks us right after CONNACK meets the same
-growing delays as one that is down.
+Reconnects wait with exponential backoff and full jitter. A connection proves itself with its
+first PUBACK: the backoff then starts again from ``reconnect_min``, so a broker back from a short
+restart is rejoined at once, while one that kicks us right after CONNACK meets the same growing
+delays as one that is down.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ class MqttUplink:
         window: int = 4,
         compress: bool = True,
         carry_readings: bool = True,
+        backoff: Backoff | None = None,
     ) -> None:
         self._settings = settings
+        self._backoff = backoff or Backoff(settings.reconnect_min, settings.reconnect_max)
         self._base = f"{settings.prefix}/{device_id}"
         self._device_id = device_id
         self._outbox = outbox
@@ -241,13 +244,11 @@ class MqttUplink:
             client.connect(s.host, s.port, s.keepalive)
 
     async def _connect_loop(self) -> None:
-        s = self._settings
-
         async def attempt() -> None:
             if await self._connect_once():
                 await self._serve()
 
-        await retry_forever(attempt, Backoff(s.reconnect_min, s.reconnect_max))
+        await retry_forever(attempt, self._backoff)
 
     async def _connect_once(self) -> bool:
         assert self._driver is not None
@@ -359,6 +360,7 @@ class MqttUplink:
         reason: ReasonCode,
         _properties: Properties,
     ) -> None:
+        self._backoff.reset()  # a PUBACK: this connection works (see the module docstring)
         future = self._pending.pop(mid, None)
         if future is None or future.done():
             return

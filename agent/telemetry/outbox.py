@@ -27,10 +27,11 @@ A delivered reading is forgotten at once (never fetched again); its removal from
 retried with backoff when a full disk refuses it (:class:`agent.telemetry.table.Remover`). A
 reading's ``size`` is the UTF-8 bytes of its data and topic.
 
-Threads: the event loop never writes the disk. :meth:`Outbox.add` and :meth:`Outbox.ack` write
-on the calling thread (the store's writer thread, or a blocking tool); the loop uses
+Threads: the event loop never commits nor syncs. :meth:`Outbox.add` and :meth:`Outbox.ack`
+write on the calling thread (the store's writer thread, or a blocking tool); the loop uses
 :meth:`Outbox.add_async`, :meth:`Outbox.fetch` and :meth:`Outbox.ack_soon`, which run on the
-writer thread in the order they were called, or on the loop from memory where no disk is needed.
+writer thread in the order they were called, or on the loop from memory where no disk is needed
+(a delivery's line in the journal is one short write, made at once).
 """
 
 from __future__ import annotations
@@ -342,11 +343,15 @@ class Outbox:
 
     def ack_soon(self, ids: Sequence[str]) -> None:
         """:meth:`ack` without waiting: forgotten at once (a later :meth:`fetch` never returns
-        these readings), removed from disk by a write queued when called on the event loop."""
+        these readings), recorded in the journal at once (one short write, no sync: a kill
+        right after resends none of them), deleted from the table by a write queued when
+        called on the event loop."""
         journal, rows = self._forget(ids)
-        if journal or rows:
-            self._store.write(lambda: self._erase(journal, rows),
-                              what=f"acknowledgement of {len(journal) + len(rows)} readings")
+        if journal:
+            self._journal.gone(journal)
+        if rows:
+            self._store.write(lambda: self._remover.delete(rows),
+                              what=f"acknowledgement of {len(rows)} readings")
 
     def ack(self, ids: Sequence[str]) -> None:
         """Remove delivered readings (written on the calling thread); unknown or already

@@ -2,11 +2,15 @@
 
 A backlog that drains after an outage must not flood Flux or the carrier: every batch waits
 for its tokens. Waiting is one ``asyncio.sleep`` for exactly the missing tokens, never a poll.
+While the message rate holds messages back, :meth:`RateLimiter.room` says how many bytes the
+next one may carry by the time it goes: the drainer fills batches to it, so a backlog drains at
+the byte budget rather than at the message rate times a batch's count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -46,6 +50,11 @@ class TokenBucket:
         self._refill()
         self._level -= n
 
+    def level_in(self, seconds: float) -> float:
+        """The tokens there will be in ``seconds`` if none are taken meanwhile."""
+        self._refill()
+        return min(self.capacity, self._level + seconds * self.rate)
+
 
 class RateLimiter:
     """Messages per minute and bytes per minute; ``None`` or 0 means unlimited.
@@ -83,6 +92,14 @@ class RateLimiter:
             self._messages.delay(1) if self._messages else 0.0,
             self._bytes.delay(size) if self._bytes else 0.0,
         )
+
+    def room(self) -> float | None:
+        """None when a message may go now. Else the message rate holds the next message back,
+        and this is how many bytes it may carry without waiting longer than that: what the byte
+        budget will hold when it goes (unbounded without a byte limit)."""
+        if self._messages is None or (wait := self._messages.delay(1)) <= 0:
+            return None
+        return self._bytes.level_in(wait) if self._bytes else math.inf
 
     async def acquire(self, size: int) -> None:
         """Wait until one message of ``size`` bytes may go, then charge it."""

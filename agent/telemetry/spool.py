@@ -136,15 +136,18 @@ class Spool:
 
     def append(self, data: bytes, *, sync: bool = False) -> None:
         """Write ``data`` (whole records) to the file; sync it at once when ``sync``, else
-        within the sync interval. Raises OSError (``ENOSPC``): nothing of it counts."""
+        within the sync interval. Raises OSError (``ENOSPC``): nothing of it counts. The lock
+        is not held while syncing: a short write (a delivery's record, from the event loop)
+        never waits for a sync."""
         with self._lock:
             self._write(data)
-            if sync:
-                os.fdatasync(self._fd)
-            elif self._timer is None:
+            fd = self._fd
+            if not sync and self._timer is None:
                 self._timer = threading.Timer(self._interval, self._timed_sync)
                 self._timer.daemon = True
                 self._timer.start()
+        if sync:
+            os.fdatasync(fd)
 
     def _write(self, data: bytes) -> None:
         try:
@@ -168,10 +171,11 @@ class Spool:
     def _timed_sync(self) -> None:
         with self._lock:
             self._timer = None
-            try:
-                os.fdatasync(self._fd)
-            except (OSError, ValueError):  # closed or failed: the next write tries again
-                log.warning("outbox journal: sync failed", exc_info=True)
+            fd = self._fd
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:  # closed meanwhile (a restart syncs its new file) or failed
+            log.warning("outbox journal: sync failed: %s", exc)
 
     def restart(self, next_seq: int, rows: Sequence[SpoolRow]) -> None:
         """Start a new file holding only ``rows`` (the live readings) and the next seq: written

@@ -4,13 +4,17 @@ and the retained ``state`` message.
 Both are written when something they show changes (modem state, SIM, registration, uplink
 connected or not, a task restarted), compared once a second in memory; the row's heartbeat at
 most once per ``heartbeat`` seconds, to spare the SD card. Signal, counters and times do not
-count as a change.
+count as a change, with one exception: the count of readings sent reaches the row on its own
+once it held still between two looks (a burst is written whole), at most once per
+``counts_every`` seconds; changes within that time ride the next write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -18,10 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.core import runtime
-from agent.core.store import Store
+from agent.core.backoff import Backoff
+from agent.core.store import Store, StoreError
 from agent.core.tasks import wait_event
 
+log = logging.getLogger(__name__)
+
 _TICK = 1.0  # how often the in-memory view is compared with what was last written
+COUNTS_EVERY = 60.0  # the readings sent alone write the row at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +51,7 @@ class StateReporter:
         usage: Callable[[], list[dict[str, Any]]],
         publish: Callable[[dict[str, Any]], None],
         heartbeat: float = runtime.HEARTBEAT,
+        counts_every: float = COUNTS_EVERY,
     ) -> None:
         self._store = store
         self._device_id = device_id
@@ -50,22 +59,38 @@ class StateReporter:
         self._usage = usage
         self._publish = publish
         self.heartbeat = heartbeat
+        self._counts_every = counts_every
         self.started_at = time.time()
         self._changed = changed  # set by whoever changes something shown
+        self._refused = False  # the last write was refused
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        shown: Any = None
-        written = -self.heartbeat
+        shown: Any = None  # in the row
+        published: Any = None  # in the retained state
+        written, counted_at, retry_at = -self.heartbeat, -self._counts_every, -math.inf
+        counted = seen = -1  # readings sent: in the row; at the previous look
+        retry = Backoff(1.0, 60.0)  # a row the store refused (a full disk) waits this long
         while True:
             self._changed.clear()
             snap = self._snapshot()
             key = _what_shows(snap)
-            if key != shown or loop.time() - written >= self.heartbeat:
-                await self._write(snap, None)
-                if key != shown:
-                    self._publish(self.state(snap))
-                shown, written = key, loop.time()
+            sent: int = snap.uplink["readings_sent"]
+            now = loop.time()
+            if key != published:
+                self._publish(self.state(snap))
+                published = key
+            count_due = sent == seen != counted and now - counted_at >= self._counts_every
+            due = key != shown or now - written >= self.heartbeat or count_due
+            if due and now >= retry_at:
+                if await self._write(snap, None):
+                    retry.reset()
+                    if count_due:
+                        counted_at = now
+                    shown, written, counted = key, now, sent
+                else:
+                    retry_at = now + retry.next_delay()
+            seen = sent
             await wait_event(self._changed, _TICK)
 
     async def final(self) -> None:
@@ -89,7 +114,9 @@ class StateReporter:
             "modems": snap.modems,
         }
 
-    async def _write(self, snap: Snapshot, stopped_at: float | None) -> None:
+    async def _write(self, snap: Snapshot, stopped_at: float | None) -> bool:
+        """Write the row; whether it was. A refusal (a full disk) is logged once, until a
+        write goes through again: the agent goes on without its row."""
         row = runtime.Row(
             pid=os.getpid(), started_at=self.started_at, heartbeat=time.time(),
             stopped_at=stopped_at, modems=snap.modems, uplink=snap.uplink, usage=self._usage(),
@@ -100,7 +127,17 @@ class StateReporter:
             with self._store.transaction() as db:
                 runtime.write(db, row)
 
-        await self._store.run(write)
+        try:
+            await self._store.run(write)
+        except StoreError as exc:
+            if not self._refused:
+                log.warning("runtime row not written (retried with backoff): %s", exc)
+            self._refused = True
+            return False
+        if self._refused:
+            log.info("runtime row written again")
+        self._refused = False
+        return True
 
 
 def _what_shows(snap: Snapshot) -> Any:
