@@ -181,7 +181,8 @@ def start_simulator(directory: Path) -> tuple[subprocess.Popen[bytes], Path]:
 
 def agent_config(directory: Path, modem: Path, uplink_port: int,
                  uplink: dict[str, float] | None = None, extra: str = "") -> Path:
-    settings = "\n".join(f"{k} = {v}" for k, v in (uplink or AGENT_UPLINK).items())
+    settings = "\n".join(f"{k} = {v}" for k, v in
+                         (AGENT_UPLINK if uplink is None else uplink).items())
     path = directory / "config.toml"
     path.write_text(
         f'device_id = "{DEVICE}"\n[modem]\nport = "{modem}"\ndata_path = "external"\n'
