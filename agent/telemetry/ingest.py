@@ -82,7 +82,7 @@ def parse_line(line: bytes, now: float) -> Item | str:
         return f"bad topic: {problem}"
     if "data" not in obj:
         return "missing data"
-    ts = obj.get("ts", now)
+    ts = obj.get("ts", round(now, 3))  # stamped to the millisecond: 5 bytes less a reading
     if isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 < ts < 1e10:
         return "bad ts: expected Unix seconds (a positive number, not milliseconds)"
     priority = obj.get("priority", 0)
