@@ -18,7 +18,7 @@ from typing import Any
 
 # The daemon writes its heartbeat at most this often: each write is a commit on the SD card
 # (a hung daemon is the systemd watchdog's to catch, within seconds).
-HEARTBEAT = 300.0
+HEARTBEAT = 600.0
 STALE = 2 * HEARTBEAT + 30  # no heartbeat for this long: the agent hangs or died unseen
 
 _COLUMNS = ("pid", "started_at", "heartbeat", "stopped_at", "modems", "uplink", "usage",
