@@ -67,6 +67,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -91,12 +92,6 @@ from drivers.errors import (
 log = logging.getLogger(__name__)
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
-
-_RAW_FD_TYPES: tuple[type, ...] = (serial.Serial,)
-with contextlib.suppress(ImportError):
-    from serial.urlhandler.protocol_socket import Serial as _SocketSerial
-
-    _RAW_FD_TYPES += (_SocketSerial,)
 
 Condition = Literal["ready", "hung", "resetting", "closed"]
 ResetCause = Literal["spontaneous", "recovery", "requested"]
@@ -127,6 +122,13 @@ CloseListener = Callable[[BaseException | None], None]
 HangListener = Callable[[str], None]
 ConditionListener = Callable[[str], None]
 PowerCycle = Callable[[], Awaitable[None]]
+
+
+def _raw(port: serial.SerialBase) -> bool:
+    """A plain tty, or a ``socket://`` port: pyserial imports that transport's module only when
+    such a URL is opened, so it is looked up, not imported, here."""
+    sock = sys.modules.get("serial.urlhandler.protocol_socket")
+    return type(port) is serial.Serial or (sock is not None and type(port) is sock.Serial)
 
 
 def open_serial(url: str, baudrate: int = 115200, *, exclusive: bool = True) -> serial.SerialBase:
@@ -386,7 +388,7 @@ class AtChannel:
             fd = None
         # A plain tty or socket is read with os.read on its fd; wrappers (spy://) keep their
         # own read() so they still see every byte.
-        self._fd = fd if type(port) in _RAW_FD_TYPES else None
+        self._fd = fd if _raw(port) else None
         if fd is not None:
             self._reader_fd = fd
             loop.add_reader(fd, self._on_readable)

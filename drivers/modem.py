@@ -9,12 +9,12 @@ seconds; nothing else is retried.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
-
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from drivers.at import Urc, line_prefix
 from drivers.errors import CmeError, ModemError, NotConnected, PortError, SimBusy, TransientError
@@ -142,12 +142,19 @@ class Modem:
 
     # -- plumbing ------------------------------------------------------------------------
     async def _retry(self, read: Callable[[], Awaitable[T]]) -> T:
-        """``read()``, retried with back-off while it fails with a TransientError."""
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(TransientError), stop=stop_after_delay(self.retry_for),
-            wait=wait_exponential(multiplier=self.retry_wait, max=2.0), reraise=True)
-        result: T = await retrying(read)
-        return result
+        """``read()``, retried while it fails with a TransientError, ``retry_wait`` seconds
+        after the first failure, doubling up to 2 s; a failure ``retry_for`` seconds after the
+        first try is raised."""
+        give_up = time.monotonic() + self.retry_for
+        wait = self.retry_wait
+        while True:
+            try:
+                return await read()
+            except TransientError:
+                if time.monotonic() >= give_up:
+                    raise
+            await asyncio.sleep(min(wait, 2.0))
+            wait *= 2
 
     async def _read(self, cmd: str, parse: Callable[[list[str]], T],
                     expect: tuple[str, ...] = ()) -> T:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.core.signing import SigningError, b64url, load_public_key, spki_id
 from provisioning.files import ProvisionError, read
 
 if TYPE_CHECKING:
@@ -54,8 +54,8 @@ def spki_der(key: PublicKeyTypes) -> bytes:
 
 
 def key_id(key: PublicKeyTypes) -> str:
-    """A short name for a public key: the first 16 hex digits of its SPKI's SHA-256."""
-    return hashlib.sha256(spki_der(key)).hexdigest()[:16]
+    """A short name for a public key (agent.core.signing.spki_id)."""
+    return spki_id(spki_der(key))
 
 
 def cert_pem(cert: x509.Certificate) -> bytes:
@@ -102,18 +102,14 @@ def load_ed25519_private(path: Path, what: str = "key") -> Ed25519PrivateKey:
 
 
 def parse_ed25519_public(data: bytes, where: str) -> Ed25519PublicKey:
-    """A SubjectPublicKeyInfo PEM holding an Ed25519 key (the operator's, a station's)."""
-    from cryptography.exceptions import UnsupportedAlgorithm
+    """A SubjectPublicKeyInfo PEM holding an Ed25519 key (the operator's, a station's), read as
+    the agent reads it (agent.core.signing.load_public_key)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     try:
-        key = load_pem_public_key(data)
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ProvisionError(f"{where} is not a PEM public key: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ProvisionError(f"{where} is not an Ed25519 public key")
-    return key
+        return Ed25519PublicKey.from_public_bytes(load_public_key(data))
+    except SigningError as exc:
+        raise ProvisionError(f"{where} is {exc}") from None
 
 
 def load_ed25519_public(path: Path, what: str = "public key") -> Ed25519PublicKey:
@@ -154,10 +150,6 @@ def common_name(name: x509.Name) -> str | None:
 
     values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(values[0].value) if len(values) == 1 else None
-
-
-def b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def sign(key: Ed25519PrivateKey, data: bytes) -> str:

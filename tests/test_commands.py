@@ -1,10 +1,13 @@
-"""CommandProcessor: every refusal reason, idempotent repeats, the journal, key rotation."""
+"""CommandProcessor: every refusal reason, idempotent repeats, the journal, key rotation; the
+operator key pinned at start without ``cryptography``, and a bad one refused in one line."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,3 +300,55 @@ def test_bad_configured_key_refuses_to_start(store: Store) -> None:
         CommandProcessor(store, DEVICE, [b"junk"], FakeClock(), {})
     with pytest.raises(ValueError, match="unknown commands"):
         CommandProcessor(store, DEVICE, [], FakeClock(), {"fly": lambda _a: None})
+
+
+def _python(code: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    return done.stdout.split()
+
+
+def test_cryptography_waits_for_the_first_signature(tmp_path: Path,
+                                                    key: Ed25519PrivateKey) -> None:
+    """The daemon's modules and a pinned key import no ``cryptography`` (about 9 MB of RSS); the
+    first command's signature check does."""
+    pem = tmp_path / "operator.pub"
+    pem.write_bytes(public_pem(key.public_key()))
+    payload = tmp_path / "command.json"
+    payload.write_bytes(signed(key, "get-state"))
+    assert _python(f"""
+import asyncio, sys
+import agent.daemon
+from agent.commands.processor import CommandProcessor
+from agent.core.store import Store
+from agent.core.trusted_time import TrustedNow
+
+class Clock:
+    def now(self):
+        return TrustedNow({NOW}.0, "ntp", {NOW}.0)
+
+async def get_state(args):
+    return {{"state": "active"}}
+
+store = Store({str(tmp_path / "simkeeper.db")!r})
+proc = CommandProcessor(store, {DEVICE!r}, [open({str(pem)!r}, "rb").read()], Clock(),
+                        {{"get-state": get_state}})
+print("cryptography" in sys.modules)
+answer = asyncio.run(proc.handle(open({str(payload)!r}, "rb").read()))
+print(answer["status"], "cryptography" in sys.modules)
+store.close()
+""") == ["False", "ok", "True"]
+
+
+def test_run_refuses_a_bad_operator_key_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "operator.pub").write_text("junk\n")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'device_id = "{DEVICE}"\n[modem]\nport = "{tmp_path / "no-modem"}"\n'
+        f'data_path = "external"\n[store]\npath = "{tmp_path / "simkeeper.db"}"\n'
+        f'[ingest]\nsocket = "{tmp_path / "ingest.sock"}"\n'
+        f'[commands]\noperator_key = "{tmp_path / "operator.pub"}"\n')
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (
+        1, "simkeeper run: operator key is not a PEM public key: no PUBLIC KEY block\n")

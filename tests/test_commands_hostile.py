@@ -1,4 +1,6 @@
-"""10,000 hostile payloads through CommandProcessor.handle: 0 executed, 0 crashes, each answered."""
+"""10,000 hostile payloads through CommandProcessor.handle: 0 executed, 0 crashes, each answered.
+Operator key PEMs in every shape: the agent's own reader (no ``cryptography``) takes exactly
+the Ed25519 keys ``cryptography`` takes, and the same raw key."""
 
 from __future__ import annotations
 
@@ -9,9 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+import pytest
+from cryptography.hazmat.primitives import serialization as s
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa, x25519
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from agent.core.signing import canonical_json
+from agent.core.signing import SigningError, canonical_json, load_public_key
 from agent.core.store import Store
 from agent.fleet.sign import make_envelope
 from tests.test_commands import DEVICE, NOW, Spy, processor, resign, signed
@@ -120,3 +126,53 @@ async def test_ten_thousand_hostile_payloads(tmp_path: Path) -> None:
     assert {"malformed", "unsigned", "bad signature", "unknown command", "bad arguments",
             "replayed", "other device", "expired"} <= statuses.keys(), statuses
     store.close()
+
+
+def _spki(key: Any, fmt: s.PublicFormat = s.PublicFormat.SubjectPublicKeyInfo) -> bytes:
+    return bytes(key.public_key().public_bytes(s.Encoding.PEM, fmt))
+
+
+def _pems() -> dict[str, bytes]:
+    key = Ed25519PrivateKey.generate()
+    pem = _spki(key)
+    body = pem.split(b"\n")[1]
+    der = base64.b64decode(body)
+    return {
+        "plain": pem, "text before": b"my key:\n" + pem, "same line": b"key " + pem,
+        "no final newline": pem.rstrip(), "crlf": pem.replace(b"\n", b"\r\n"),
+        "text after": pem + b"junk\n", "two blocks": pem + _spki(Ed25519PrivateKey.generate()),
+        "spaces in body": pem.replace(body, body[:9] + b" \t" + body[9:]),
+        "indented": b"  " + pem.replace(b"\n", b"\n  "),
+        "unpadded": pem.replace(body, body.rstrip(b"=")),
+        "bad base64": pem.replace(body, body[:10] + b"*" + body[11:]),
+        "short key": pem.replace(body, base64.b64encode(der[:-1])),
+        "long key": pem.replace(body, base64.b64encode(der[:1] + b"+" + der[2:] + b"\0")),
+        "params": pem.replace(body, base64.b64encode(bytes.fromhex("302c300706032b65700500")
+                                                     + der[-35:])),
+        "empty block": b"-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n",
+        "private key": key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8,
+                                         s.NoEncryption()),
+        "x25519": _spki(x25519.X25519PrivateKey.generate()),
+        "ed448": _spki(ed448.Ed448PrivateKey.generate()),
+        "p-256": _spki(ec.generate_private_key(ec.SECP256R1())),
+        "rsa pkcs1": _spki(rsa.generate_private_key(65537, 1024), s.PublicFormat.PKCS1),
+        "garbage": b"garbage", "empty": b"",
+    }
+
+
+@pytest.mark.parametrize("shape", sorted(_pems()))
+def test_the_agents_key_reader_agrees_with_cryptography(shape: str) -> None:
+    pem = _pems()[shape]
+    try:
+        theirs = load_pem_public_key(pem)
+    except ValueError:
+        theirs = None
+    try:
+        ours = load_public_key(pem)
+    except SigningError as exc:
+        assert not isinstance(theirs, Ed25519PublicKey), (shape, exc)
+        wrong_kind = theirs is not None  # a key of another kind: said so
+        assert str(exc).startswith("not an Ed25519 key" if wrong_kind else "not a PEM public key")
+        return
+    assert isinstance(theirs, Ed25519PublicKey), shape
+    assert ours == theirs.public_bytes_raw()

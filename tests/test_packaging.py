@@ -538,8 +538,8 @@ def test_deb_metadata_and_contents(host_deb: Built) -> None:
         assert path in files, path
     wheels = sorted(Path(f).name for f in files if f.endswith(".whl"))
     names = {w.split("-")[0].lower().replace("_", "-") for w in wheels}
-    assert {"simkeeper", "paho-mqtt", "pyserial", "pyudev", "cryptography", "tenacity",
-            "cffi", "pip"} <= names, wheels
+    assert {"simkeeper", "paho-mqtt", "pyserial", "pyudev", "cryptography", "cffi",
+            "pip"} <= names, wheels
 
 
 @pytest.mark.deb

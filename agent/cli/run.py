@@ -1,8 +1,9 @@
 """``simkeeper run --config FILE``: the daemon, in the foreground (systemd ``Type=notify``).
 
 Exit 0 after a clean stop (SIGTERM or SIGINT), 2 for a config it refuses (the key and the
-reason on one line), 1 when it cannot start (database, ingest socket) or must not (a
-decommissioned gateway not re-provisioned since: :mod:`agent.sim.decommission`).
+reason on one line), 1 when it cannot start (database, ingest socket, an operator key that is
+not an Ed25519 public key PEM) or must not (a decommissioned gateway not re-provisioned since:
+:mod:`agent.sim.decommission`).
 
 ``simkeeper run --preflight`` starts nothing: exit 1 with the daemon's one-line refusal when the
 gateway is decommissioned and not re-provisioned (after finishing what an interrupted
@@ -45,12 +46,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = config.load(args.config)
     except config.ConfigError as exc:
         raise CliError(2, str(exc)) from None
+    from agent.commands.journal import OperatorKeyError
     from agent.daemon import Daemon  # the daemon's stack only when it runs, not for preflight
     from agent.telemetry.ingest import IngestError
 
     try:
         asyncio.run(_serve(Daemon(cfg, config_path=config.resolve_path(args.config))))
-    except (StoreError, IngestError, Decommissioned) as exc:
+    except (StoreError, IngestError, Decommissioned, OperatorKeyError) as exc:
         raise CliError(1, str(exc)) from None
     return 0
 

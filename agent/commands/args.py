@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from agent.core.signing import SigningError, load_public_key
 from agent.sim.lifecycle import SCOPES
 
 
@@ -53,8 +54,6 @@ def _nullable(inner: Check) -> Check:
 
 
 def _pem(value: Any) -> str:
-    from agent.core.signing import SigningError, load_public_key
-
     if not isinstance(value, str) or len(value) > 4096:
         raise ArgError("an Ed25519 public key PEM (SubjectPublicKeyInfo)")
     try:

@@ -21,13 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.core.signing import SigningError, load_public_key
+from agent.core.signing import SigningError, key_id, load_public_key
 from agent.core.store import Store
-from provisioning.keys import key_id
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     from agent.commands.envelope import Envelope
 
 
@@ -74,20 +71,25 @@ class Journal:
 @dataclass(frozen=True, slots=True)
 class OperatorKey:
     kid: str
-    key: Ed25519PublicKey
+    key: bytes  # the raw Ed25519 public key (agent.core.signing.load_public_key)
+
+
+class OperatorKeyError(ValueError):
+    """A configured or installed operator key that is not an Ed25519 public key PEM."""
 
 
 def _load(pem: bytes, where: str) -> OperatorKey:
     try:
         key = load_public_key(pem)
     except SigningError as exc:
-        raise ValueError(f"{where} is {exc}") from None
+        raise OperatorKeyError(f"{where} is {exc}") from None
     return OperatorKey(key_id(key), key)
 
 
 class KeyRing:
     """The operator keys in force and the retired ones. ``configured``: PEM public keys from
-    ``[commands] operator_key`` (a bad one raises ValueError: refuse to start)."""
+    ``[commands] operator_key`` (a bad one raises :class:`OperatorKeyError`: refuse to
+    start)."""
 
     def __init__(self, store: Store, configured: Sequence[bytes]) -> None:
         self._store = store

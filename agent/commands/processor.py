@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from agent.commands.args import SCHEMAS, ArgError, validate
 from agent.commands.envelope import MAX_BYTES, Envelope, Refused, parse_envelope
 from agent.commands.journal import Journal, KeyRing
-from agent.core.signing import verify
+from agent.core.signing import key_id, load_public_key, verify
 from agent.core.store import Store, StoreError
 from agent.core.trusted_time import TrustedNow
 
@@ -266,9 +266,6 @@ def _done(value: Result) -> asyncio.Future[Result]:
 
 
 def _kid(pem: str) -> str:
-    from agent.core.signing import load_public_key
-    from provisioning.keys import key_id
-
     return key_id(load_public_key(pem.encode()))
 
 

@@ -5,7 +5,6 @@ and skipped, never half-applied."""
 
 from __future__ import annotations
 
-import csv
 import io
 from collections.abc import Callable
 
@@ -20,6 +19,8 @@ def read_table(text: str, check_header: Callable[[list[str]], str | None],
                no_header: str) -> list[Row]:
     """Every data row; ``check_header(names)`` says what is wrong with the header, if anything;
     ``no_header`` is the complaint when there is none."""
+    import csv  # only a gateway with a SIM manifest, at start, pays for the module
+
     reader = csv.reader(io.StringIO(text.lstrip("\ufeff")), strict=True)
     header: list[str] | None = None
     rows: list[Row] = []

@@ -1,32 +1,38 @@
 """Ed25519 the way the operator signs things: PEM public keys, base64url signatures, canonical JSON.
 
 Shared by the signed conformance list (detached signature over a file's bytes) and by signed
-commands (signature over the canonical JSON of an envelope). ``cryptography`` is imported only
-inside the functions that need it, so importing this module is free.
+commands (signature over the canonical JSON of an envelope). A public key is kept as its 32 raw
+bytes, read from its PEM here without ``cryptography``: the daemon pins the operator key at
+start (a bad one is refused there), and ``cryptography`` (about 9 MB of RSS) is only imported by
+:func:`verify`, when the first signature is checked.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from provisioning.keys import b64url
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-__all__ = ["SigningError", "b64url", "canonical_json", "decode_signature", "load_public_key",
-           "verify"]
+__all__ = ["SigningError", "b64url", "canonical_json", "decode_signature", "key_id",
+           "load_public_key", "spki_id", "verify"]
 
 SIGNATURE_BYTES = 64
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
+_PEM = re.compile(rb"-----BEGIN ((?:RSA )?PUBLIC KEY)-----(.*?)-----END \1-----", re.S)
+_ED25519_OID = bytes.fromhex("2b6570")  # 1.3.101.112 (RFC 8410)
+# DER of an Ed25519 SubjectPublicKeyInfo up to the key: the only encoding RFC 8410 allows.
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
 
 
 class SigningError(ValueError):
     """A key or a signature that cannot be used; the message says why."""
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def decode_signature(text: str) -> bytes:
@@ -45,27 +51,68 @@ def decode_signature(text: str) -> bytes:
     return raw
 
 
-def load_public_key(pem: bytes) -> Ed25519PublicKey:
-    """An Ed25519 public key from a SubjectPublicKeyInfo PEM."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    try:
-        key = load_pem_public_key(pem)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise SigningError(f"not a PEM public key: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
+def load_public_key(pem: bytes) -> bytes:
+    """The 32 raw bytes of the Ed25519 key in a SubjectPublicKeyInfo PEM (the first ``PUBLIC
+    KEY`` block; text around it and whitespace inside it are ignored, as ``cryptography``
+    does)."""
+    block = _PEM.search(pem)
+    if block is None:
+        raise SigningError("not a PEM public key: no PUBLIC KEY block")
+    if block.group(1) != b"PUBLIC KEY":
         raise SigningError("not an Ed25519 key")
-    return key
+    try:
+        der = base64.b64decode(b"".join(block.group(2).split()), validate=True)
+    except binascii.Error:
+        raise SigningError("not a PEM public key: bad base64") from None
+    if der.startswith(_ED25519_SPKI) and len(der) == len(_ED25519_SPKI) + 32:
+        return der[len(_ED25519_SPKI):]
+    if _algorithm(der) not in (None, _ED25519_OID):
+        raise SigningError("not an Ed25519 key")
+    raise SigningError("not a PEM public key: not a DER Ed25519 SubjectPublicKeyInfo")
 
 
-def verify(key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
-    """Whether ``signature`` (64 raw bytes) is ``key``'s signature of ``data``."""
+def _algorithm(der: bytes) -> bytes | None:
+    """The algorithm OID of a DER SubjectPublicKeyInfo; None when it has none."""
+    try:
+        at = _content(der, 0, 0x30)[0]  # SubjectPublicKeyInfo
+        at = _content(der, at, 0x30)[0]  # AlgorithmIdentifier
+        start, end = _content(der, at, 0x06)
+    except (ValueError, IndexError):
+        return None
+    return der[start:end]
+
+
+def _content(der: bytes, at: int, tag: int) -> tuple[int, int]:
+    """Where the content of the DER element at ``at`` starts and ends; it must be a ``tag``."""
+    if der[at] != tag:
+        raise ValueError(f"tag {der[at]:#x}")
+    size, at = der[at + 1], at + 2
+    if size & 0x80:  # long form: the next (size & 0x7F) bytes hold the length
+        width = size & 0x7F
+        size, at = int.from_bytes(der[at:at + width], "big"), at + width
+    if at + size > len(der):
+        raise ValueError("truncated")
+    return at, at + size
+
+
+def spki_id(der: bytes) -> str:
+    """A short name for a public key: the first 16 hex digits of its DER SPKI's SHA-256."""
+    return hashlib.sha256(der).hexdigest()[:16]
+
+
+def key_id(key: bytes) -> str:
+    """:func:`spki_id` of a raw Ed25519 public key."""
+    return spki_id(_ED25519_SPKI + key)
+
+
+def verify(key: bytes, signature: bytes, data: bytes) -> bool:
+    """Whether ``signature`` (64 raw bytes) is the signature of ``data`` by ``key`` (32 raw
+    bytes, from :func:`load_public_key`)."""
     from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     try:
-        key.verify(signature, data)
+        Ed25519PublicKey.from_public_bytes(key).verify(signature, data)
     except InvalidSignature:
         return False
     return True
