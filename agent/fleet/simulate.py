@@ -54,10 +54,11 @@ from agent.fleet.simulate_report import (
     settle,
 )
 
-# Open files per agent: store (database, -wal, -shm), ingest listener, MQTT socket and paho's
-# wake-up socket pair, the modem's pty (master, and the slave the simulator holds), the agent's
-# end of the pty. Measured: 12 per agent with the sample app (N = 1000).
-FDS_PER_AGENT = 10
+# Open files per agent: store (database, -wal, -shm, the read-only connection's database), the
+# outbox's journal, ingest listener, MQTT socket and paho's wake-up socket pair, the modem's pty
+# (master, and the slave the simulator holds), the agent's end of the pty. Measured before the
+# journal: 14 per agent with the sample app (N = 1000).
+FDS_PER_AGENT = 12
 FDS_APP = 2  # an ingest connection while the sample app writes (both ends)
 FDS_BASE = 128  # the interpreter, the operator's client, the broker pipe, slack
 
