@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from agent.core.store import Store
-from agent.telemetry.ingest import IngestError, IngestServer, parse_line
+from agent.telemetry.ingest import IngestError, IngestServer
+from agent.telemetry.line import parse_line
 from agent.telemetry.outbox import TELEMETRY, Item, Outbox
 from tests.broker import WAIT, until
 
@@ -152,6 +153,20 @@ async def test_bad_lines_get_their_reason_in_order(server: IngestServer, outbox:
         assert answer["ok"] is False
         assert why in answer["error"], (why, answer)
     assert outbox.depth(TELEMETRY)[0] == len(BAD) + 1
+
+
+async def test_a_half_closed_client_gets_every_answer(server: IngestServer, outbox: Outbox) -> None:
+    """``printf ... | socat - UNIX-CONNECT:...``: the client shuts its sending half down right
+    after its lines (the last without a newline); every line is answered, then EOF."""
+    reader, writer = await asyncio.open_unix_connection(server.path)
+    writer.write(b'{"topic": "a", "data": 1}\n{"topic": "a/#", "data": 2}\n'
+                 b'{"topic": "a", "data": 3}')
+    writer.write_eof()
+    answers = [json.loads(line) for line in (await reader.read()).splitlines()]
+    writer.close()
+    assert [a["ok"] for a in answers] == [True, False, True]
+    assert [r.id for r in outbox.next_batch(TELEMETRY, 10, 1 << 20)] == [
+        answers[0]["id"], answers[2]["id"]]
 
 
 def test_parse_line_never_raises_on_random_bytes() -> None:

@@ -7,7 +7,8 @@ while a commit is in flight goes into the next one, after a few milliseconds of 
 
 Hostile input never stops the server: an oversize line is answered at once and skipped
 without being buffered, binary garbage and bad JSON get an error, and a client that sends no
-complete line (or reads no answers) for ``client_timeout`` seconds is disconnected. A reading
+complete line (or reads no answers) for ``client_timeout`` seconds is disconnected. A client
+that half-closes gets every answer, then the connection closes. A reading
 fails alone: the outbox checks each line before it joins a group, and a group it still refuses
 is committed again line by line. With ``max_clients`` connected, a newcomer takes the slot of
 the idlest client (oldest last line, none half sent, no answer owed), told why and closed; if
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -29,71 +28,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-from agent.core.readings import PRIORITY_MAX, PRIORITY_MIN, topic_problem
 from agent.core.store import StoreError
-from agent.telemetry.outbox import TELEMETRY, Item, Outbox, OutboxError, compact_json
+from agent.telemetry.line import error_line, parse_line
+from agent.telemetry.outbox import Item, Outbox, OutboxError
 
 log = logging.getLogger(__name__)
 
 Gate = Callable[[], str | None]  # None: accepting; else why readings are refused
-FIELDS = frozenset({"topic", "data", "ts", "priority"})
 MAX_PENDING = 4096  # answers owed to one client before the server stops reading from it
 
 
 class IngestError(Exception):
     """The server cannot start (socket path taken, group unknown, ...)."""
-
-
-def error_line(why: str) -> bytes:
-    return (json.dumps({"ok": False, "error": why}) + "\n").encode()
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number out of range: {text}")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse_line(line: bytes, now: float) -> Item | str:
-    """A reading as an outbox item, or the reason it is refused."""
-    try:
-        text = line.decode()
-    except UnicodeDecodeError:
-        return "not UTF-8 text"
-    try:
-        obj = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
-    except json.JSONDecodeError as exc:
-        return f"not JSON: {exc.msg} at column {exc.colno}"
-    except (ValueError, RecursionError) as exc:
-        return f"not JSON: {exc}"
-    if not isinstance(obj, dict):
-        return 'not an object: send {"topic": ..., "data": ...}'
-    if unknown := sorted(obj.keys() - FIELDS):
-        return f"unknown field {unknown[0]!r}"
-    topic = obj.get("topic")
-    if problem := topic_problem(topic):
-        return f"bad topic: {problem}"
-    if "data" not in obj:
-        return "missing data"
-    ts = obj.get("ts", round(now, 3))  # stamped to the millisecond: 5 bytes less a reading
-    if isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 < ts < 1e10:
-        return "bad ts: expected Unix seconds (a positive number, not milliseconds)"
-    priority = obj.get("priority", 0)
-    if (isinstance(priority, bool) or not isinstance(priority, int)
-            or not PRIORITY_MIN <= priority <= PRIORITY_MAX):
-        return f"bad priority: expected an integer {PRIORITY_MIN}..{PRIORITY_MAX}"
-    try:
-        data = compact_json(obj["data"])
-    except (ValueError, RecursionError) as exc:
-        return f"bad data: {exc}"
-    return (TELEMETRY, str(topic), data, float(ts), priority)
 
 
 class _Slot:
@@ -281,6 +228,7 @@ class _Client(asyncio.Protocol):
         self._pending: deque[_Slot] = deque()
         self._write_paused = False
         self._reading = True
+        self._eof = False  # the client half-closed: close once every answer is out
         self.last_line = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -327,6 +275,17 @@ class _Client(asyncio.Protocol):
                 self._buf += data[start:]
         self.flush()
 
+    def eof_received(self) -> bool:
+        """The client is done sending (a half-close: ``shutdown(SHUT_WR)``, ``socat``): its
+        last line counts even without its newline; every line read is answered, then the
+        connection closes."""
+        if self._buf and not self._skipping:
+            self._line(bytes(self._buf))
+        self._buf.clear()
+        self._reading, self._eof = False, True
+        self.flush()
+        return True  # keep the writing half open for the answers
+
     def _line(self, line: bytes) -> None:
         self.last_line = time.monotonic()
         if not line.strip():
@@ -354,6 +313,8 @@ class _Client(asyncio.Protocol):
             out.append(pending.popleft().answer)
         if out and self._transport is not None:
             self._transport.write(b"".join(a for a in out if a is not None))
+        if self._eof and not pending and self._transport is not None:
+            self._transport.close()  # after the answers written: the transport sends them first
         self._steer()
 
     def pause_writing(self) -> None:
