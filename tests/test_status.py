@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from agent.cli.status import render
+from agent.core.store import Store
 from tests.broker import Broker, until
-from tests.test_daemon import Agent, running
+from tests.test_daemon import SIMKEEPER, Agent, running
 
 FIELDS = {
     "device_id", "running", "reason", "pid", "started_at", "heartbeat", "stopped_at", "sims",
@@ -102,3 +106,34 @@ async def test_status_with_a_bad_config_exits_2(tmp_path: Path) -> None:
     done = await agent.cli("status")
     assert done.returncode == 2
     assert "device_id" in done.stderr
+
+
+async def test_status_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`simkeeper status | head -1`, with the reader gone before the first write: exit 0, no
+    traceback."""
+    agent = Agent(tmp_path, 1, str(tmp_path / "modem"))
+    Store(agent.database).close()  # a database without a running agent: status prints it
+    gone, write_end = os.pipe()
+    os.close(gone)
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run, [*SIMKEEPER, "status", "--config", str(agent.config)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode in (0, 1), done.stderr  # 1: "not running", said on stderr
+
+
+def test_the_text_view_says_unknown_never_none() -> None:
+    unknown = {"registration": {"state": "not-registered", "act": None},
+               "operator": {"name": None, "mcc_mnc": None}, "signal": {"rssi_dbm": None},
+               "manufacturer": None, "model": None, "imei": None}
+    text = render({
+        "device_id": "gw", "running": False, "reason": "stopped", "decommissioned": None,
+        "sims": [], "uplink": None, "tasks": {},
+        "modems": [{"port": "/dev/ttyUSB2", "state": "ready", "detail": None, "modem": unknown}],
+        "outbox": {"count": 0, "bytes": 0, "drops": {}},
+    })
+    assert "None" not in text
+    assert "not-registered (-) on -, RSSI unknown" in text

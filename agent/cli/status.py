@@ -167,11 +167,12 @@ def render(status: dict[str, Any], *, wipe_requested: bool = False) -> str:
         rows.append(("modem", f"{m['port']}: {m['state']}{detail}"))
         if info := m["modem"]:
             reg, op, sig = info["registration"], info["operator"], info["signal"]
+            rssi = "unknown" if sig["rssi_dbm"] is None else f"{sig['rssi_dbm']} dBm"
             rows.append((
                 "",
-                f"{info['manufacturer']} {info['model']}, IMEI {info['imei']}, {reg['state']}"
-                f" ({reg['act']}) on {op['name'] or op['mcc_mnc'] or '-'},"
-                f" RSSI {sig['rssi_dbm']} dBm",
+                f"{_or_dash(info['manufacturer'])} {_or_dash(info['model'])},"
+                f" IMEI {_or_dash(info['imei'])}, {_or_dash(reg['state'])}"
+                f" ({_or_dash(reg['act'])}) on {op['name'] or op['mcc_mnc'] or '-'}, RSSI {rssi}",
             ))
     if not status["modems"]:
         rows.append(("modem", "none"))
@@ -186,6 +187,11 @@ def render(status: dict[str, Any], *, wipe_requested: bool = False) -> str:
             rows.append(("task", f"{name}: restarted {task['restarts']} time(s), last error at"
                                  f" {_when(task['last_error_at'])}: {task['last_error']}"))
     return "\n".join(f"{label:<10} {text}" for label, text in rows)
+
+
+def _or_dash(value: object) -> str:
+    """A value for the text view: ``-`` where it is unknown, never Python's ``None``."""
+    return "-" if value is None else str(value)
 
 
 def _decommission_line(gone: dict[str, Any], requested: bool) -> str:
