@@ -42,7 +42,7 @@ APP_TOPIC = "demo/room1"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenario", type=Path, default=DEMO_SCENARIO,
                         help="simulator scenario (default: the demo tour)")
-    parser.add_argument("--interval", type=float, default=2.0, help="refresh period, s")
+    parser.add_argument("--interval", type=float, default=2.0, help="refresh period, s (default 2)")
     parser.add_argument("--duration", type=float, default=0.0,
                         help="stop after this many seconds (0: until Ctrl-C)")
 

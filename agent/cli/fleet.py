@@ -27,7 +27,8 @@ from provisioning.files import ProvisionError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("keygen", help="the operator's Ed25519 command key pair")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="where operator.key (0600) and operator.pub go (created)")
 
     p = sub.add_parser("send", help="sign a command, publish it, print the device's result")
     p.add_argument("device", nargs="?", metavar="DEVICE", help="device id (or use --all)")
@@ -35,22 +36,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--arg", action="append", default=[], metavar="K=V",
                    help="argument (V as JSON when it parses, @FILE for a file's text)")
     p.add_argument("--key", type=Path, default=Path(os.environ.get(
-        "SIMKEEPER_OPERATOR_KEY", "operator.key")), help="operator private key (PEM)")
+        "SIMKEEPER_OPERATOR_KEY", "operator.key")), help="operator private key (PEM; default:"
+        " $SIMKEEPER_OPERATOR_KEY, else operator.key)")
     p.add_argument("--all", type=Path, metavar="FILE", help="device ids, one a line")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="S")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="how long to wait for each device's result (default 30)")
     p.add_argument("--ttl", type=int, default=300, metavar="S", help="validity (default 300)")
     add_broker_arguments(p)
 
     p = sub.add_parser("watch", help="the fleet from retained status and state: a live table")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    p.add_argument("--interval", type=float, default=2.0, metavar="S")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S",
+                   help="how often the table is redrawn (default 2)")
     add_broker_arguments(p)
 
     p = sub.add_parser("flux-bridge", help="telemetry to a SORACOM Flux incoming webhook")
-    p.add_argument("--webhook", required=True, metavar="URL")
-    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
-    p.add_argument("--client-id", default=f"simkeeper-flux-bridge-{os.uname().nodename}")
-    p.add_argument("--group", default="simkeeper-bridge", help="shared subscription group")
+    p.add_argument("--webhook", required=True, metavar="URL",
+                   help="the Flux incoming webhook each batch is POSTed to")
+    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                   help="an HTTP header for each POST (repeatable), e.g. an API key")
+    p.add_argument("--client-id", default=f"simkeeper-flux-bridge-{os.uname().nodename}",
+                   help="MQTT client id (default simkeeper-flux-bridge-HOSTNAME)")
+    p.add_argument("--group", default="simkeeper-bridge",
+                   help="shared subscription group (default simkeeper-bridge)")
     add_broker_arguments(p)
 
     p = sub.add_parser("simulate", help="N complete agents with simulated modems in this"
@@ -67,9 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", type=float, default=300.0, metavar="S",
                    help="modem, keeper and health period per agent (default 300)")
     p.add_argument("--telemetry", type=float, default=60.0, metavar="S",
-                   help="one reading per agent every S seconds via ingest (0: none)")
+                   help="one reading per agent every S seconds via ingest (0: none; default 60)")
     p.add_argument("--wave", type=int, default=50, help="agents started per wave (default 50)")
-    p.add_argument("--sample", type=int, default=100, help="commands timed one at a time")
+    p.add_argument("--sample", type=int, default=100,
+                   help="commands timed one at a time (default 100)")
     p.add_argument("--steady", type=float, default=20.0, metavar="S",
                    help="length of the steady phase measured (default 20)")
     p.add_argument("--down", type=float, default=2.0, metavar="S",

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     info = sub.add_parser("info", help="probe one modem and print what it reports")
     info.add_argument("--port", required=True, help="tty path or pyserial URL")
-    info.add_argument("--baud", type=int, default=115200)
+    info.add_argument("--baud", type=int, default=115200,
+                      help="serial speed, for a tty (default 115200)")
     info.add_argument("--json", action="store_true", help="one JSON object (DESIGN.md)")
 
 

@@ -59,7 +59,8 @@ def _bundle_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", type=_broker, required=True, metavar="HOST[:PORT]",
                    help="MQTT broker (port default: 8883, or 1883 with --profile beam)")
     p.add_argument("--profile", choices=["default", "beam"], default="default",
-                   help="uplink profile; beam: plain MQTT to SORACOM Beam, which holds TLS")
+                   help="uplink profile (default default); beam: plain MQTT to SORACOM Beam,"
+                   " which holds TLS")
     p.add_argument("--broker-ca", type=Path, metavar="FILE",
                    help="CA of the broker's server certificate (default: the device CA)")
     p.add_argument("--manifest", type=Path, metavar="FILE",
@@ -94,14 +95,17 @@ def _group_options(p: argparse.ArgumentParser, verb: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("init-ca", help="a factory CA: DIR/ca.pem and DIR/ca.key (0600)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="where the CA goes (created; an existing CA is never overwritten)")
     p.add_argument("--name", help="the CA's common name")
     p.add_argument("--days", type=_days, default=CA_DAYS, help=f"validity (default {CA_DAYS})")
     for name, what in (("operator-key", "operator"), ("station-key", "station")):
         p = sub.add_parser(name, help=f"an Ed25519 key pair: DIR/{what}.key (0600), .pub")
-        p.add_argument("--out", type=Path, required=True, metavar="DIR")
+        p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="where the key pair goes (created)")
     p = sub.add_parser("device", help="make a device identity and install its bundle")
-    p.add_argument("--device-id", required=True, metavar="ID")
+    p.add_argument("--device-id", required=True, metavar="ID",
+                   help="the gateway's id: its certificate's name and its MQTT topics")
     p.add_argument("--ca", type=Path, required=True, metavar="DIR", help="from init-ca")
     p.add_argument("--days", type=_days, default=DEVICE_DAYS,
                    help=f"certificate validity (default {DEVICE_DAYS}, at most the CA's)")
@@ -110,14 +114,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _target_options(p)
     _group_options(p, "reads the bundle: root:GROUP, directory 0750, key 0640")
     p = sub.add_parser("csr", help="a device key kept under /etc/simkeeper/request, its CSR")
-    p.add_argument("--device-id", required=True, metavar="ID")
+    p.add_argument("--device-id", required=True, metavar="ID",
+                   help="the gateway's id: its certificate's name and its MQTT topics")
     p.add_argument("--out", type=Path, metavar="FILE", help="also copy the CSR here")
     _target_options(p)
     p = sub.add_parser("sign-csr", help="the factory CA's certificate for a device CSR")
-    p.add_argument("--ca", type=Path, required=True, metavar="DIR")
-    p.add_argument("--out", type=Path, required=True, metavar="FILE")
-    p.add_argument("--days", type=_days, default=DEVICE_DAYS)
-    p.add_argument("csr", type=Path, metavar="CSR")
+    p.add_argument("--ca", type=Path, required=True, metavar="DIR", help="from init-ca")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE",
+                   help="the signed certificate (PEM)")
+    p.add_argument("--days", type=_days, default=DEVICE_DAYS,
+                   help=f"certificate validity (default {DEVICE_DAYS}, at most the CA's)")
+    p.add_argument("csr", type=Path, metavar="CSR", help="the device's CSR, from `csr`")
     p = sub.add_parser("install-cert", help="install the certificate answering `csr`")
     p.add_argument("--ca-cert", type=Path, required=True, metavar="FILE",
                    help="the issuing CA's certificate (PEM)")
@@ -125,17 +132,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _sim_options(p)
     _target_options(p)
     _group_options(p, "reads the bundle: root:GROUP, directory 0750, key 0640")
-    p.add_argument("cert", type=Path, metavar="CERT")
+    p.add_argument("cert", type=Path, metavar="CERT", help="the certificate from `sign-csr`")
     p = sub.add_parser("batch", help="a production-line run from a CSV (device_id,imei,iccid)")
-    p.add_argument("--csv", type=Path, required=True, metavar="FILE")
-    p.add_argument("--ca", type=Path, required=True, metavar="DIR")
+    p.add_argument("--csv", type=Path, required=True, metavar="FILE",
+                   help="one device a line: device_id,imei,iccid (with a header line)")
+    p.add_argument("--ca", type=Path, required=True, metavar="DIR", help="from init-ca")
     p.add_argument("--station-key", type=Path, required=True, metavar="KEY",
                    help="Ed25519 private key that signs the birth records")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="one tree per device: DIR/<device_id>/etc/simkeeper")
     p.add_argument("--log", type=Path, metavar="FILE",
                    help="factory log, JSON lines (default: DIR/factory-log.jsonl)")
-    p.add_argument("--days", type=_days, default=DEVICE_DAYS)
+    p.add_argument("--days", type=_days, default=DEVICE_DAYS,
+                   help=f"certificate validity (default {DEVICE_DAYS}, at most the CA's)")
     _bundle_options(p)
     _group_options(p, "reads each bundle: root:GROUP, directory 0750, key 0640")
     p = sub.add_parser("verify", help="check a bundle; each problem on one line")
@@ -144,9 +153,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="a bundle, an /etc/simkeeper, or a staging root")
     _group_options(p, "must read the bundle and alone may read the key (0640)")
     p = sub.add_parser("verify-log", help="check a factory log's signatures and chain")
-    p.add_argument("--station-pub", type=Path, required=True, metavar="PUB")
+    p.add_argument("--station-pub", type=Path, required=True, metavar="PUB",
+                   help="the station's public key (station.pub from station-key)")
     p.add_argument("--head", metavar="HASH", help="the last line's hash, as recorded earlier")
-    p.add_argument("log", type=Path, metavar="LOG")
+    p.add_argument("log", type=Path, metavar="LOG", help="the factory log (JSON lines)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:

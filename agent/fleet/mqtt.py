@@ -59,7 +59,8 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca", type=Path, help="CA certificate file (PEM); implies --tls")
     parser.add_argument("--cert", type=Path, help="client certificate (PEM); implies --tls")
     parser.add_argument("--client-key", type=Path, help="client certificate's key (PEM)")
-    parser.add_argument("--username", default=os.environ.get("SIMKEEPER_MQTT_USER"))
+    parser.add_argument("--username", default=os.environ.get("SIMKEEPER_MQTT_USER"),
+                        help="broker user name (default: $SIMKEEPER_MQTT_USER, else none)")
     parser.add_argument("--password-file", type=Path,
                         help="file holding the broker password (never on the command line)")
 
