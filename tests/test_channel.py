@@ -5,7 +5,10 @@ itself: ``test_channel_recovery.py``.)"""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +230,15 @@ async def test_cancelling_the_caller_is_not_a_timeout(peer: PtyPeer) -> None:
     assert hangs == []
     assert chan.condition[0] == "ready"
     await chan.close()
+
+
+def test_a_raw_spy_url_is_refused_in_one_line(tmp_path: Path) -> None:
+    """pyserial's ``spy://...&raw`` writes bytes to its text log and fails on the first write:
+    refused at open, saying so (issue 11, item 20); its hex dump still works."""
+    url = f"spy:///dev/null?file={tmp_path / 'spy.log'}&raw"
+    with pytest.raises(PortError, match="cannot log raw"):
+        open_serial(url)
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "modem", "info", "--port", url],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "cannot log raw" in done.stderr and len(done.stderr.strip().splitlines()) == 1
