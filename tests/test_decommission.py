@@ -430,9 +430,9 @@ def test_preflight_exit_codes(tmp_path: Path, pki: Pki) -> None:
     done = simkeeper(*preflight)
     assert (done.returncode, done.stderr) == (1, REFUSAL)
     assert not (db.parent / decommission.WIPE_REQUEST).exists()  # root could wipe: no request
-    # What the daemon cannot use is the daemon's to report (the unit fails, visibly).
+    # A config the daemon would refuse is refused here too (the unit is skipped, not looping).
     assert simkeeper("run", "--preflight", "--config", str(tmp_path / "absent.toml")
-                     ).returncode == 0
+                     ).returncode == 2
 
 
 async def test_running_agent_that_may_not_wipe_asks_root(
