@@ -144,6 +144,20 @@ async def test_send_usage_errors(broker: Broker, operator: tuple[Ed25519PrivateK
     assert len(err) == 3 and all(line.startswith("simkeeper fleet send: ") for line in err)
 
 
+async def test_a_missing_tls_file_is_named(broker: Broker, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Every fleet tool names the file it cannot read (issue 11, item 16)."""
+    absent = tmp_path / "absent.pem"
+    for argv in (["watch", "--once", "--cert", str(absent), "--client-key", str(absent)],
+                 ["flux-bridge", "--webhook", "http://127.0.0.1:9/", "--ca", str(absent)]):
+        assert await run_cli(cli(broker, *argv)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"simkeeper fleet watch: --cert: cannot read {absent}: No such file or"
+                   " directory",
+                   f"simkeeper fleet flux-bridge: --ca: cannot read {absent}: No such file or"
+                   " directory"]
+
+
 async def test_every_command_end_to_end(broker: Broker, tmp_path: Path,
                                         operator: tuple[Ed25519PrivateKey, Path]) -> None:
     key, _ = operator

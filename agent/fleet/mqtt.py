@@ -86,6 +86,12 @@ def new_client(opts: BrokerOptions, client_id: str = "", **kwargs: Any) -> mqtt.
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5, **kwargs)
     if opts.tls:
+        for option, path in (("--ca", opts.ca), ("--cert", opts.cert), ("--client-key", opts.key)):
+            try:
+                if path is not None:
+                    path.open("rb").close()
+            except OSError as exc:
+                raise FleetError(f"{option}: cannot read {path}: {exc.strerror}") from None
         try:
             client.tls_set(ca_certs=str(opts.ca) if opts.ca else None,
                            certfile=str(opts.cert) if opts.cert else None,
