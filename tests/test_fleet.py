@@ -18,12 +18,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.cli import main
+from agent.commands.args import SCHEMAS, describe, validate
 from agent.commands.inbox import CommandInbox
 from agent.commands.processor import CommandProcessor
 from agent.core.store import Store
 from agent.fleet import watch
 from agent.fleet.mqtt import BrokerOptions
-from agent.fleet.send import send
+from agent.fleet.send import parse_arg, send
 from agent.telemetry.batch import encode_entries
 from agent.telemetry.mqtt import MqttUplink
 from agent.telemetry.outbox import Outbox
@@ -319,3 +320,29 @@ async def test_daemon_wiring_with_the_real_uplink(broker: Broker, tmp_path: Path
         store.close()
     assert outcome.ok and outcome.result is not None
     assert outcome.result["detail"]["state"] == "active"
+
+
+def test_arg_values_are_read_by_the_commands_schema(tmp_path: Path) -> None:
+    """`--arg iccid=8981...` stays a string, a deadline takes ISO 8601 or Unix seconds, a plan
+    may be null; a value that cannot be the argument's type is refused naming the type; every
+    command and argument is listed in `fleet send --help` (issue 11, item 10)."""
+    iccid = "8981100005819480014"
+    assert parse_arg("set-plan", f"iccid={iccid}") == ("iccid", iccid)
+    assert parse_arg("set-plan", "bytes=1000000") == ("bytes", 1_000_000)
+    assert parse_arg("set-plan", "bytes=null") == ("bytes", None)
+    assert parse_arg("set-activation-deadline", "deadline=2027-01-31T00:00:00Z") == (
+        "deadline", 1_801_353_600)
+    assert parse_arg("set-activation-deadline", "deadline=2027-01-31T09:00:00+09:00") == (
+        "deadline", 1_801_353_600)
+    assert parse_arg("suspend", "until=1801353600") == ("until", 1_801_353_600)
+    with pytest.raises(ValueError, match="deadline must be a time"):
+        parse_arg("set-activation-deadline", "deadline=next tuesday")
+    pem = tmp_path / "operator.pub"
+    pem.write_text("-----BEGIN PUBLIC KEY-----\n...\n")
+    assert parse_arg("rotate-key", f"public_key=@{pem}") == ("public_key", pem.read_text())
+    args = validate("set-plan", dict(parse_arg("set-plan", a) for a in
+                                     (f"iccid={iccid}", "bytes=5000000", "cycle_day=15")))
+    assert args == {"iccid": iccid, "bytes": 5_000_000, "cycle_day": 15}
+    text = describe()
+    for name, schema in SCHEMAS.items():
+        assert f"  {name}\n" in text + "\n" and all(f"      {k}" in text for k in schema)

@@ -30,7 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="where operator.key (0600) and operator.pub go (created)")
 
-    p = sub.add_parser("send", help="sign a command, publish it, print the device's result")
+    from agent.commands.args import describe
+
+    p = sub.add_parser("send", help="sign a command, publish it, print the device's result",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="commands and their arguments (--arg KEY=VALUE):\n" + describe())
     p.add_argument("device", nargs="?", metavar="DEVICE", help="device id (or use --all)")
     p.add_argument("name", metavar="NAME", help="command: suspend, resume, get-state, ...")
     p.add_argument("--arg", action="append", default=[], metavar="K=V",
@@ -109,7 +113,7 @@ def _send(args: argparse.Namespace) -> int:
     if args.name not in SCHEMAS:
         raise UsageError(f"unknown command {args.name!r} (known: {', '.join(sorted(SCHEMAS))})")
     try:
-        cmd_args = dict(parse_arg(a) for a in args.arg)
+        cmd_args = dict(parse_arg(args.name, a) for a in args.arg)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     key = load_ed25519_private(args.key, "operator key")

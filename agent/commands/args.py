@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from agent.core.signing import SigningError, load_public_key
@@ -20,40 +21,57 @@ Check = Callable[[Any], Any]
 _MAX_TIME = 1 << 40
 
 
-def _int(lo: int, hi: int) -> Check:
+class Arg:
+    """One argument's type: ``check`` (a value from an envelope), ``doc`` (what it must be, for
+    refusals and ``--help``) and ``parse`` (its text on the command line, ``fleet send --arg``)."""
+
+    def __init__(self, check: Check, doc: str, parse: Callable[[str], Any] = str) -> None:
+        self.check, self.doc, self.parse = check, doc, parse
+
+    def __call__(self, value: Any) -> Any:
+        return self.check(value)
+
+
+def _int(lo: int, hi: int) -> Arg:
     def check(value: Any) -> int:
         if type(value) is not int or not lo <= value <= hi:
             raise ArgError(f"an integer in {lo}..{hi}")
         return value
-    return check
+    return Arg(check, f"an integer in {lo}..{hi}", int)
 
 
-def _text(max_len: int, pattern: str | None = None, what: str = "") -> Check:
+def _text(max_len: int, pattern: str | None = None, what: str = "") -> Arg:
     compiled = re.compile(pattern) if pattern else None
+    doc = what or f"a string of at most {max_len} characters"
 
     def check(value: Any) -> str:
         if not isinstance(value, str) or len(value) > max_len or (
                 compiled is not None and not compiled.fullmatch(value)):
-            raise ArgError(what or f"a string of at most {max_len} characters")
+            raise ArgError(doc)
         return value
-    return check
+    return Arg(check, doc)
 
 
-def _choice(*values: str) -> Check:
+def _choice(*values: str) -> Arg:
+    doc = f"one of {', '.join(values)}"
+
     def check(value: Any) -> str:
         if value not in values:
-            raise ArgError(f"one of {', '.join(values)}")
+            raise ArgError(doc)
         return str(value)
-    return check
+    return Arg(check, doc)
 
 
-def _nullable(inner: Check) -> Check:
+def _nullable(inner: Arg) -> Arg:
     def check(value: Any) -> Any:
         return None if value is None else inner(value)
-    return check
+
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("null", "none") else inner.parse(text)
+    return Arg(check, f"{inner.doc}, or null", parse)
 
 
-def _pem(value: Any) -> str:
+def _check_pem(value: Any) -> str:
     if not isinstance(value, str) or len(value) > 4096:
         raise ArgError("an Ed25519 public key PEM (SubjectPublicKeyInfo)")
     try:
@@ -63,12 +81,28 @@ def _pem(value: Any) -> str:
     return value
 
 
-_TIME = _int(0, _MAX_TIME)
+def parse_time(text: str) -> int:
+    """Unix seconds, or an ISO 8601 date and time (``2027-01-31T00:00:00Z``; UTC when no
+    offset is given)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is neither Unix seconds nor ISO 8601") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp())
+
+
+_PEM = Arg(_check_pem, "an Ed25519 public key PEM (pass @FILE)")
+_TIME = Arg(_int(0, _MAX_TIME), "a time: Unix seconds, or ISO 8601 on the command line",
+            parse_time)
 _ICCID = _text(23, r"[0-9]{18,22}[Ff]?", "an ICCID (18-22 digits)")
 _REASON = _text(200)
 
 # name -> field -> (required, check). A name missing here is an unknown command.
-SCHEMAS: Mapping[str, Mapping[str, tuple[bool, Check]]] = {
+SCHEMAS: Mapping[str, Mapping[str, tuple[bool, Arg]]] = {
     "suspend": {"scope": (True, _choice(*SCOPES)), "until": (False, _TIME),
                 "reason": (False, _REASON)},
     "resume": {"reason": (False, _REASON)},
@@ -79,12 +113,12 @@ SCHEMAS: Mapping[str, Mapping[str, tuple[bool, Check]]] = {
     "set-plan": {"iccid": (True, _ICCID), "bytes": (True, _nullable(_int(1, 1 << 60))),
                  "cycle_day": (False, _int(1, 28))},
     "reset-modem": {},
-    "update-conformance": {"list": (True, _text(1 << 20)),
+    "update-conformance": {"list": (True, _text(1 << 20, what="the list's text (pass @FILE)")),
                            "signature": (True, _text(100, r"[A-Za-z0-9_-]+")),
                            "format": (False, _choice("toml", "json"))},
     "clear-malfunction": {},
     "decommission": {},
-    "rotate-key": {"public_key": (True, _pem)},
+    "rotate-key": {"public_key": (True, _PEM)},
 }
 NAMES = frozenset(SCHEMAS)
 
@@ -106,3 +140,13 @@ def validate(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
         except ArgError as exc:
             raise ArgError(f"{key} must be {exc}") from None
     return out
+
+
+def describe() -> str:
+    """Every command and its arguments, for ``fleet send --help``."""
+    lines = []
+    for name, schema in SCHEMAS.items():
+        lines.append(f"  {name}")
+        for key, (required, arg) in schema.items():
+            lines.append(f"      {key}{'' if required else ' (optional)'}: {arg.doc}")
+    return "\n".join(lines)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 
+from agent.commands.args import SCHEMAS
 from agent.fleet.mqtt import BrokerOptions, FleetError, new_client, start, stop
 from agent.fleet.sign import DEFAULT_TTL, encode, make_envelope
 
@@ -40,9 +41,11 @@ class Outcome:
         return json.dumps({"device": self.device, **self.result}, ensure_ascii=False)
 
 
-def parse_arg(text: str) -> tuple[str, Any]:
-    """``k=v``: ``v`` as JSON when it parses (numbers, null, true, objects), else a string;
-    ``k=@FILE`` reads the file's text (a conformance list, a public key)."""
+def parse_arg(name: str, text: str) -> tuple[str, Any]:
+    """``k=v`` for command ``name``: ``v`` read as the command's schema types ``k``
+    (:mod:`agent.commands.args`: an ICCID stays a string, a time takes ISO 8601 or Unix
+    seconds); ``k=@FILE`` is the file's text (a conformance list, a public key). A key the
+    schema does not know keeps JSON's reading of ``v``, for the device to refuse by name."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ValueError(f"expected KEY=VALUE, got {text!r}")
@@ -52,6 +55,12 @@ def parse_arg(text: str) -> tuple[str, Any]:
                 return key, f.read()
         except OSError as exc:
             raise ValueError(f"cannot read {value[1:]}: {exc.strerror}") from None
+    field = SCHEMAS.get(name, {}).get(key)
+    if field is not None:
+        try:
+            return key, field[1].parse(value)
+        except ValueError:
+            raise ValueError(f"{key} must be {field[1].doc}, not {value!r}") from None
     try:
         return key, json.loads(value)
     except ValueError:
