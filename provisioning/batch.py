@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 from agent.core.csvtable import TableError, read_table
 from agent.sim.manifest import normalise_iccid
 from drivers.parsers.identity import imei_valid
-from provisioning import birthlog
-from provisioning.bundle import META, Settings, check_device_id
+from provisioning import birthlog, keys
+from provisioning.bundle import CA as CA_FILE
+from provisioning.bundle import CERT, CONFIG, KEY, META, Identity, Settings, build, check_device_id
 from provisioning.ca import CA, DEVICE_DAYS
 from provisioning.device import provision
 from provisioning.files import ProvisionError, read
-from provisioning.install import current, etc_dir
+from provisioning.install import current, etc_dir, install
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -48,6 +49,7 @@ class Outcome:
     made: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already finished
     recovered: list[str] = field(default_factory=list)  # tree found, record added
+    reconfigured: list[str] = field(default_factory=list)  # done before, settings renewed
     problems: list[str] = field(default_factory=list)  # "line N: why"
     warnings: list[str] = field(default_factory=list)
 
@@ -108,6 +110,10 @@ def read_rows(path: Path, out: Outcome) -> list[Row]:
     return _duplicates(rows, out)
 
 
+def _settings_lines(config_toml: bytes) -> list[str]:
+    return [line for line in config_toml.decode().splitlines() if not line.startswith("#")]
+
+
 def _meta(tree: Path) -> dict[str, Any] | None:
     gen = current(etc_dir(tree))
     if gen is None:
@@ -135,6 +141,7 @@ class Batch:
     log: Path
     days: int = DEVICE_DAYS
     gid: int | None = None  # each tree's bundle group (provisioning.owner); None: root only
+    reconfigure: bool = False  # a device done before with other settings gets this run's
 
     def run(self, csv_path: Path) -> Outcome:
         out = Outcome()
@@ -177,6 +184,18 @@ class Batch:
             if meta is None or meta.get("cert_sha256") != record.get("cert_sha256"):
                 raise ProvisionError(f"born at log line {number} but {tree} does not hold that"
                                      " certificate; not making a second identity")
+            if (change := self._change(tree, meta)) is not None:
+                if not self.reconfigure:
+                    out.warnings.append(
+                        f"line {row.line}: {row.device_id}: done before with other settings"
+                        f" ({change}); it keeps them: --reconfigure gives it this run's,"
+                        " with the same identity")
+                else:
+                    identity = self._identity(tree, meta)
+                    install(etc_dir(tree), lambda where: build(identity, self.settings, where),
+                            force=True, gid=self.gid)
+                    out.reconfigured.append(row.device_id)
+                    return None
             out.skipped.append(row.device_id)
             return None
         if meta is not None:
@@ -189,3 +208,34 @@ class Batch:
             meta = _meta(tree) or {}
             out.made.append(row.device_id)
         return str(meta.get("cert_sha256"))
+
+    @staticmethod
+    def _identity(tree: Path, meta: dict[str, Any]) -> Identity:
+        """The identity installed in ``tree`` (key, certificate, CA, IMEI, ICCID)."""
+        gen = current(etc_dir(tree))
+        assert gen is not None  # meta came from it
+        return Identity(str(meta.get("device_id")), (gen / KEY).read_bytes(),
+                        keys.load_cert(gen / CERT), (gen / CA_FILE).read_bytes(),
+                        meta.get("imei"), meta.get("iccid"))
+
+    def _change(self, tree: Path, meta: dict[str, Any]) -> str | None:
+        """The first of this run's settings that the device's bundle does not have, or None."""
+        gen = current(etc_dir(tree))
+        assert gen is not None
+        wanted = build(self._identity(tree, meta), self.settings, self.settings.etc / gen.name)
+        for name, file in sorted(wanted.items()):
+            if name == META:
+                continue
+            try:
+                have = (gen / name).read_bytes()
+            except OSError:
+                return f"no {name}"
+            if name == CONFIG:
+                old, new = (_settings_lines(have), _settings_lines(file.data))
+                if old != new:
+                    a, b = next((x, y) for x, y in zip([*old, ""], [*new, ""], strict=False)
+                                if x != y)
+                    return f"{a or 'nothing'} in {CONFIG}, not {b or 'nothing'}"
+            elif have != file.data:
+                return f"another {name}"
+        return None

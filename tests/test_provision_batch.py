@@ -90,10 +90,36 @@ def test_batch_recovers_a_record_lost_in_a_crash(factory: Factory, tmp_path: Pat
     full = log.read_bytes()
     log.write_bytes(b"".join(full.splitlines(keepends=True)[:2]))  # the last append never hit disk
     rc, out, _ = _batch(factory, capsys, csv)
-    assert rc == 0 and out.startswith("made 0, skipped 2 (done before), recovered 1")
+    assert rc == 0
+    assert out.startswith("made 0, skipped 2 (done before), reconfigured 0, recovered 1")
     last = json.loads(log.read_bytes().splitlines()[-1])
     assert last["cert_sha256"] == json.loads(full.splitlines()[-1])["cert_sha256"]
     assert _verify_log(factory, capsys, log)[0] == 0
+
+
+def test_batch_rerun_with_other_settings_says_so_and_can_reconfigure(
+        factory: Factory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 11, item 9: a re-run with another broker says what differs per device; with
+    --reconfigure each gets the new settings, its identity (key, certificate) and record kept."""
+    csv = _csv(tmp_path, *GOOD[:2])
+    assert _batch(factory, capsys, csv)[0] == 0
+    out_dir = tmp_path / "out"
+    cert = (gen_dir(out_dir / "gw-0000") / "device.pem").read_bytes()
+    log = _log(csv).read_bytes()
+    rc, out, err = _batch(factory, capsys, csv, "--broker", "broker.example.net:8883")
+    assert rc == 0 and out.startswith("made 0, skipped 2 (done before), reconfigured 0")
+    assert ('line 2: gw-0000: done before with other settings (host = "mqtt.example.com" in'
+            ' config.toml, not host = "broker.example.net"); it keeps them: --reconfigure') in err
+    rc, out, err = _batch(factory, capsys, csv, "--broker", "broker.example.net:8883",
+                          "--reconfigure")
+    assert rc == 0 and out.startswith("made 0, skipped 0 (done before), reconfigured 2"), err
+    config = (gen_dir(out_dir / "gw-0000") / "config.toml").read_text()
+    assert 'host = "broker.example.net"' in config and "port = 8883" in config
+    assert (gen_dir(out_dir / "gw-0000") / "device.pem").read_bytes() == cert
+    assert _log(csv).read_bytes() == log  # the same identities: no new birth
+    assert factory.cli(capsys, "verify", out_dir / "gw-0000")[0] == 0
+    rc, out, err = _batch(factory, capsys, csv, "--broker", "broker.example.net:8883")
+    assert out.startswith("made 0, skipped 2 (done before), reconfigured 0") and not err
 
 
 def test_batch_conflicts_with_the_log(factory: Factory, tmp_path: Path,

@@ -145,6 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="factory log, JSON lines (default: DIR/factory-log.jsonl)")
     p.add_argument("--days", type=_days, default=DEVICE_DAYS,
                    help=f"certificate validity (default {DEVICE_DAYS}, at most the CA's)")
+    p.add_argument("--reconfigure", action="store_true",
+                   help="devices done before with other settings (broker, keys, lists) get"
+                        " this run's, keeping their identity")
     _bundle_options(p)
     _group_options(p, "reads each bundle: root:GROUP, directory 0750, key 0640")
     p = sub.add_parser("verify", help="check a bundle; each problem on one line")
@@ -259,12 +262,13 @@ def _batch(args: argparse.Namespace) -> int:
     station = keys.load_ed25519_private(args.station_key, "station key")
     # The trees have no etc/group of their own: the group is looked up on this machine.
     run = Batch(load_ca(args.ca), _settings(args), station, args.out, log, args.days,
-                _gid(args, None))
+                _gid(args, None), reconfigure=args.reconfigure)
     out = run.run(args.csv)
     for line in (*out.warnings, *out.problems):
         print(f"{args.csv}:{line}", file=sys.stderr)
     print(f"made {len(out.made)}, skipped {len(out.skipped)} (done before),"
-          f" recovered {len(out.recovered)}, failed {len(out.problems)}; log {log}")
+          f" reconfigured {len(out.reconfigured)}, recovered {len(out.recovered)},"
+          f" failed {len(out.problems)}; log {log}")
     return 1 if out.problems else 0
 
 
