@@ -346,3 +346,10 @@ def test_arg_values_are_read_by_the_commands_schema(tmp_path: Path) -> None:
     text = describe()
     for name, schema in SCHEMAS.items():
         assert f"  {name}\n" in text + "\n" and all(f"      {k}" in text for k in schema)
+
+
+def test_the_watch_table_says_dash_never_none() -> None:
+    """A device whose state is not known yet (issue 11, item 2)."""
+    table = watch.render([watch.Device("gw-1", "online", {"state": None, "suspension": None})],
+                         now=0.0)
+    assert "None" not in table and "gw-1" in table

@@ -74,8 +74,9 @@ def row(dev: Device, now: float) -> tuple[str, ...]:
         usage = _bytes(used) + (f"/{_bytes(plan)} ({share:.0%})"
                                 if plan and isinstance(share, int | float) else "")
     seen = "-" if dev.last_seen is None else _duration(now - dev.last_seen) + " ago"
-    return (dev.name, dev.online, str(sim.get("state", "-")), countdown, str(suspended), usage,
-            seen)
+    state = sim.get("state")
+    return (dev.name, dev.online, "-" if state is None else str(state), countdown,
+            str(suspended), usage, seen)
 
 
 def render(devices: Iterable[Device], now: float | None = None) -> str:
