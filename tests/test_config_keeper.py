@@ -75,6 +75,6 @@ def test_keeper_from_config(tmp_path: Path) -> None:
     try:
         keeper = SimKeeper.from_config(cfg, store, lambda *_a, **_k: "")
         assert keeper.cfg is cfg.lifecycle
-        assert default_probe(cfg.lifecycle, ("broker", 1883)) is not None
+        assert default_probe(cfg.lifecycle, cfg.uplink) is not None
     finally:
         store.close()

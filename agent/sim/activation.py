@@ -29,6 +29,8 @@ from agent.sim.rejects import (
     classify_mobility,
     classify_registration,
 )
+from agent.telemetry.drain import UplinkSettings
+from agent.telemetry.probe import mqtt_probe
 from drivers.errors import CmeError, ModemError
 from drivers.modem import Modem, NetworkRegistration
 from drivers.parsers.network import parse_ceer
@@ -224,9 +226,11 @@ def udp_probe(host: str, port: int, *, timeout: float = 10.0,
     return probe
 
 
-def default_probe(lc: LifecycleConfig, uplink: tuple[str, int] | None) -> Probe:
-    """The probe ``[lifecycle] probe`` names; ``"uplink"`` connects to the MQTT broker."""
+def default_probe(lc: LifecycleConfig, uplink: UplinkSettings | None) -> Probe:
+    """The probe ``[lifecycle] probe`` names; ``"uplink"`` opens an MQTT session with the
+    broker the way the uplink does (agent.telemetry.probe)."""
     if lc.probe == "udp":
         return udp_probe(lc.probe_host, lc.probe_port, timeout=lc.probe_timeout)
-    host, port = uplink if lc.probe == "uplink" and uplink else (lc.probe_host, lc.probe_port)
-    return tcp_probe(host, port, timeout=lc.probe_timeout)
+    if lc.probe == "uplink" and uplink is not None:
+        return mqtt_probe(uplink, timeout=lc.probe_timeout)
+    return tcp_probe(lc.probe_host, lc.probe_port, timeout=lc.probe_timeout)

@@ -40,7 +40,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.core.config import Config, ConformanceConfig, LifecycleConfig, canonical_iccid
+from agent.core.config import (
+    Config,
+    ConformanceConfig,
+    LifecycleConfig,
+    UplinkConfig,
+    canonical_iccid,
+)
 from agent.core.store import Store
 from agent.core.trusted_time import TrustedClock, load_anchor, save_anchor
 from agent.sim.activation import Activator, Probe, default_probe
@@ -82,7 +88,7 @@ class SimKeeper:
         data_path: str = "agent",
         nm_connection: str | None = None,
         probe: Probe | None = None,
-        uplink: tuple[str, int] | None = None,
+        uplink: UplinkConfig | None = None,
         clock: TrustedClock | None = None,
         backoff: Backoff | None = None,
         runner: Runner = run_process,
@@ -125,7 +131,7 @@ class SimKeeper:
     @classmethod
     def from_config(cls, cfg: Config, store: Store, emit: Callable[..., Any],
                     **kwargs: Any) -> SimKeeper:
-        kwargs.setdefault("uplink", (cfg.uplink.host, cfg.uplink.port))
+        kwargs.setdefault("uplink", cfg.uplink)
         return cls(store, emit, lifecycle=cfg.lifecycle, conformance=cfg.conformance,
                    operator_key=cfg.commands.operator_key, data_path=cfg.modem.data_path,
                    nm_connection=cfg.modem.nm_connection, **kwargs)
