@@ -29,6 +29,7 @@ from agent.core import config
 from agent.sim.conformance import ConformanceError, load_signed
 from agent.sim.manifest import Manifest, ManifestError, load_manifest
 from provisioning import keys
+from provisioning.ca import OPERATOR_ID
 from provisioning.files import PUBLIC, SECRET, File, ProvisionError, read
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class Identity:
 
 # Certificate names the fleet broker's ACL (packaging/mosquitto/simkeeper.acl) gives more than
 # a device's own topics: a device must never be issued one.
-RESERVED_IDS = frozenset({"simkeeper-operator"})
+RESERVED_IDS = frozenset({OPERATOR_ID})
 
 
 def check_device_id(device_id: str) -> str:

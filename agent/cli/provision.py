@@ -8,6 +8,8 @@ production-line batches and their birth log.
                   (root:simkeeper, key 0640, when that group exists: the agent runs as it)
     csr           a device key made where it stays, and its CSR
     sign-csr      the factory CA's certificate for a CSR
+    server-cert   the fleet broker's TLS server certificate (its DNS names and IP addresses)
+    operator-cert the operator's TLS client certificate (the identity the broker's ACL grants)
     install-cert  the certificate answering `csr`, installed as a bundle
     batch         a production-line run from a CSV, with a signed birth log
     verify        check a bundle, one problem per line
@@ -20,6 +22,7 @@ only by the provisioning functions this module calls.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 import sys
 from collections.abc import Callable
@@ -29,7 +32,20 @@ from agent.cli.errors import CliError, UsageError
 from provisioning import birthlog, keys
 from provisioning.batch import Batch
 from provisioning.bundle import Settings, check_device_id, load_settings
-from provisioning.ca import CA_DAYS, DEVICE_DAYS, ed25519_pair, init_ca, load_ca
+from provisioning.ca import (
+    CA_DAYS,
+    DEVICE_DAYS,
+    OPERATOR,
+    OPERATOR_ID,
+    SERVER,
+    TLS_DAYS,
+    ed25519_pair,
+    init_ca,
+    issue_operator,
+    issue_server,
+    load_ca,
+    write_leaf,
+)
 from provisioning.device import install_cert, provision, request, sign_request
 from provisioning.files import PUBLIC, File, ProvisionError, write_atomic
 from provisioning.install import etc_dir
@@ -51,6 +67,60 @@ def _days(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 36500:
         raise argparse.ArgumentTypeError(f"expected a number of days 1-36500, got {text!r}")
     return int(text)
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an IPv4 or IPv6 address, got {text!r}"
+                                         ) from None
+
+
+def _dns(text: str) -> str:
+    try:
+        _ip(text)
+    except argparse.ArgumentTypeError:
+        pass
+    else:
+        raise argparse.ArgumentTypeError(f"{text!r} is an IP address: give it with --ip")
+    if len(text) > 253 or not re.fullmatch(rf"{_LABEL}(?:\.{_LABEL})*", text):
+        raise argparse.ArgumentTypeError(f"expected a DNS name (labels of letters, digits and"
+                                         f" '-', joined by dots), got {text!r}")
+    return text
+
+
+def _leaf_files(p: argparse.ArgumentParser, stem: str) -> None:
+    p.add_argument("--ca", type=Path, required=True, metavar="DIR", help="from init-ca")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help=f"where {stem}.pem and {stem}.key go (created; existing files are never"
+                        " overwritten)")
+
+
+def _leaf_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--days", type=_days, default=TLS_DAYS,
+                   help=f"certificate validity (default {TLS_DAYS}, at most the CA's)")
+    p.add_argument("--csr", type=Path, metavar="FILE",
+                   help="certify this CSR's key instead of making one (no .key is written; only"
+                        " the key is taken from the CSR, the names are this command's)")
+
+
+def _tls_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("server-cert", help=f"the fleet broker's TLS server certificate:"
+                       f" DIR/{SERVER}.pem, DIR/{SERVER}.key (0600)")
+    _leaf_files(p, SERVER)
+    p.add_argument("--dns", type=_dns, action="append", default=[], metavar="NAME",
+                   help="a host name clients connect to (repeatable; the first is the CN)")
+    p.add_argument("--ip", type=_ip, action="append", default=[], metavar="ADDR",
+                   help="an IP address clients connect to (repeatable)")
+    _leaf_key(p)
+    p = sub.add_parser("operator-cert", help=f"the operator's TLS client certificate (CN"
+                       f" {OPERATOR_ID}): DIR/{OPERATOR}.pem, DIR/{OPERATOR}.key (0600)")
+    _leaf_files(p, OPERATOR)
+    _leaf_key(p)
 
 
 def _bundle_options(p: argparse.ArgumentParser) -> None:
@@ -125,6 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--days", type=_days, default=DEVICE_DAYS,
                    help=f"certificate validity (default {DEVICE_DAYS}, at most the CA's)")
     p.add_argument("csr", type=Path, metavar="CSR", help="the device's CSR, from `csr`")
+    _tls_parsers(sub)
     p = sub.add_parser("install-cert", help="install the certificate answering `csr`")
     p.add_argument("--ca-cert", type=Path, required=True, metavar="FILE",
                    help="the issuing CA's certificate (PEM)")
@@ -243,11 +314,32 @@ def _csr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _issued(path: Path) -> int:
+    cert = keys.load_cert(path)
+    print(f"{path} {keys.common_name(cert.subject)} sha256:{keys.fingerprint(cert)}")
+    return 0
+
+
 def _sign_csr(args: argparse.Namespace) -> int:
     cert = sign_request(load_ca(args.ca), args.csr, days=args.days)
     write_atomic(args.out, File(keys.cert_pem(cert), PUBLIC), replace=True)
-    print(f"{args.out} {keys.common_name(cert.subject)} sha256:{keys.fingerprint(cert)}")
-    return 0
+    return _issued(args.out)
+
+
+def _server_cert(args: argparse.Namespace) -> int:
+    if not args.dns and not args.ip:
+        raise UsageError("give at least one --dns NAME or --ip ADDR: clients check the"
+                         " broker's address against them")
+    ca = load_ca(args.ca)
+    return _issued(write_leaf(
+        args.out, SERVER, lambda key: issue_server(ca, key, args.dns, args.ip, days=args.days),
+        csr=args.csr))
+
+
+def _operator_cert(args: argparse.Namespace) -> int:
+    ca = load_ca(args.ca)
+    return _issued(write_leaf(args.out, OPERATOR,
+                              lambda key: issue_operator(ca, key, days=args.days), csr=args.csr))
 
 
 def _install_cert(args: argparse.Namespace) -> int:
@@ -298,7 +390,8 @@ def _verify_log(args: argparse.Namespace) -> int:
 
 HANDLERS: dict[str, Handler] = {
     "init-ca": _init_ca, "operator-key": _pair("operator"), "station-key": _pair("station"),
-    "device": _device, "csr": _csr, "sign-csr": _sign_csr, "install-cert": _install_cert,
+    "device": _device, "csr": _csr, "sign-csr": _sign_csr, "server-cert": _server_cert,
+    "operator-cert": _operator_cert, "install-cert": _install_cert,
     "batch": _batch, "verify": _verify, "verify-log": _verify_log,
 }
 
