@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint bench deps mosquitto clean deb
+.PHONY: test demo lint bench deps mosquitto packaging-tools rabbitmq clean deb
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-deps: $(STAMP) mosquitto
+deps: $(STAMP) mosquitto packaging-tools rabbitmq
 
 # The MQTT tests and the demo need a mosquitto binary (the tests start their own broker).
 mosquitto:
@@ -22,6 +22,27 @@ mosquitto:
 	  echo "installing mosquitto with apt-get"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients; }
+
+# The packaging tests run lintian on the built .deb and node on the polkit rule.
+packaging-tools:
+	@missing=; \
+	command -v lintian >/dev/null 2>&1 || missing="$$missing lintian"; \
+	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
+	test -z "$$missing" || { \
+	  echo "installing$$missing with apt-get"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO apt-get install -y -qq --no-install-recommends $$missing; }
+
+# The broker tests run a RabbitMQ node of their own (its MQTT plugin) beside mosquitto. Only the
+# package's files are needed: a service it fails to start in a container is not ours to run.
+rabbitmq:
+	@test -x /usr/lib/rabbitmq/bin/rabbitmq-server || { \
+	  echo "installing rabbitmq-server with apt-get"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO apt-get install -y -qq --no-install-recommends rabbitmq-server \
+	    || test -x /usr/lib/rabbitmq/bin/rabbitmq-server; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check agent drivers provisioning tests bench

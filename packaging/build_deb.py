@@ -10,7 +10,8 @@ package builds on an x86 machine; postinst builds /opt/simkeeper/venv from them 
 ``--no-index`` (no network on the gateway). Dependencies are pinned to the versions installed
 where this script runs (the build venv, which ``make test`` just tested) unless ``--no-pin``.
 ``--find-links DIR`` adds a local wheel directory (an offline build machine: with
-``--no-index`` too). Needs dpkg-deb and pip; prints the path of the .deb.
+``--no-index`` too). The package's version is the top entry of ``debian/changelog``, which
+must be of the version in pyproject.toml. Needs dpkg-deb and pip; prints the path of the .deb.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
+DEBIAN = PACKAGING / "debian"
+CHANGELOG = DEBIAN / "changelog"
 PYTHON_VERSION = "3.11"
 GLIBC_MINOR = 36  # bookworm's glibc 2.36
 
@@ -48,6 +52,12 @@ PLATFORMS = {
 SOURCES = ("pyproject.toml", "README.md", "agent", "drivers", "provisioning")
 # The agent, and root's wipe of a decommissioned gateway's keys (the path unit starts the oneshot).
 UNITS = ("simkeeper.service", "simkeeper-wipe.path", "simkeeper-wipe.service")
+VENV_SIMKEEPER = "/opt/simkeeper/venv/bin/simkeeper"  # postinst builds the venv
+# The reference config: not /etc/simkeeper/config.toml, which is the identity's (provisioning
+# makes it a link into the current generation), so the package owns no file there.
+EXAMPLE_CONFIG = "usr/share/simkeeper/config.toml.example"
+POLKIT_RULE = "50-simkeeper.rules"
+MAINTAINER_SCRIPTS = ("preinst", "postinst", "prerm", "postrm")
 
 
 class BuildError(Exception):
@@ -69,6 +79,18 @@ def run(cmd: list[str], **kwargs: object) -> None:
     if result.returncode != 0:
         raise BuildError(f"{cmd[0]} {cmd[1] if len(cmd) > 1 else ''} failed "
                          f"(exit {result.returncode})")
+
+
+def package_version(upstream: str) -> str:
+    """The version of the top entry of debian/changelog, which must package ``upstream``."""
+    header = CHANGELOG.read_text().partition("\n")[0]
+    match = re.fullmatch(r"simkeeper \(([^()\s]+)\) [a-z-]+; urgency=[a-z]+", header)
+    if match is None:
+        raise BuildError(f"{CHANGELOG}: the first line is not an entry's header: {header!r}")
+    if match[1].rpartition("-")[0] != upstream:
+        raise BuildError(f"{CHANGELOG} is at {match[1]}, pyproject.toml at {upstream}: add an "
+                         f"entry for {upstream}-1")
+    return match[1]
 
 
 def pins(python: str) -> str:
@@ -119,6 +141,53 @@ def default_config(text: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _roff(text: str) -> str:
+    """Text for a man page line: backslashes and hyphens escaped, never a control line."""
+    return "\\&" + text.replace("\\", "\\e").replace("-", "\\-")
+
+
+def manual(version: str) -> str:
+    """simkeeper(1), from the command line's own table of commands and their one-line help."""
+    sys.path.insert(0, str(ROOT))
+    from agent import cli
+
+    lines = [f'.TH SIMKEEPER 1 "" "simkeeper {version}" "User Commands"',
+             ".SH NAME", "simkeeper \\- edge agent for cellular IoT gateways",
+             ".SH SYNOPSIS",
+             ".B simkeeper", "[\\fB\\-\\-log\\-level\\fR \\fILEVEL\\fR] \\fICOMMAND\\fR"
+             " [\\fIARGUMENTS\\fR]", ".br", ".B simkeeper \\-\\-version",
+             ".SH DESCRIPTION",
+             "Keeps the gateway's IoT SIM inside its service terms and forwards its telemetry",
+             "over MQTT. \\fBsimkeeper run\\fR is the daemon, started by simkeeper.service;",
+             "\\fBsimkeeper\\fR \\fICOMMAND\\fR \\fB\\-\\-help\\fR gives each command's options.",
+             ".SH COMMANDS"]
+    for name, (_module, help_text) in cli.COMMANDS.items():
+        lines += [".TP", f".B {_roff(name)}", _roff(help_text)]
+    lines += [".SH FILES", ".TP", ".I /etc/simkeeper/config.toml",
+              _roff("the config (every command's --config, or $SIMKEEPER_CONFIG); "
+                    "`simkeeper provision device` installs it with the device's identity"),
+              ".TP", f".I /{EXAMPLE_CONFIG}", _roff("the reference config: every key, commented"),
+              ".TP", ".I /var/lib/simkeeper", _roff("the agent's state and outbox"),
+              ".SH EXIT STATUS",
+              _roff("0 success, 1 the thing asked failed, 2 bad usage; errors are one line on "
+                    "stderr."),
+              ".SH SEE ALSO", ".I /usr/share/doc/simkeeper/README.md"]
+    return "\n".join(lines) + "\n"
+
+
+def _gzip(path: Path, data: bytes) -> None:
+    """``gzip -9n``: no name, no time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data, compresslevel=9, mtime=0))
+    path.chmod(0o644)
+
+
+def _files(root: Path) -> list[Path]:
+    """The package's regular files, not its symbolic links: ``/usr/bin/simkeeper`` names the
+    venv postinst builds, absent here or another installation's."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
 def stage(root: Path, arch: str, version: str, wheel_dir: Path) -> None:
     def put(src: Path | str, rel: str, mode: int = 0o644, text: str | None = None) -> None:
         target = root / rel
@@ -133,41 +202,32 @@ def stage(root: Path, arch: str, version: str, wheel_dir: Path) -> None:
         put(PACKAGING / unit, f"lib/systemd/system/{unit}")
     put(PACKAGING / "udev" / "70-simkeeper.rules", "lib/udev/rules.d/70-simkeeper.rules")
     put(PACKAGING / "modules-load.d" / "simkeeper.conf", "usr/lib/modules-load.d/simkeeper.conf")
-    put("", "etc/simkeeper/config.toml",
-        text=default_config((PACKAGING / "config.toml").read_text()))
-    put(PACKAGING / "config.toml", "usr/share/doc/simkeeper/config.toml.reference")
-    put(PACKAGING / "README.md", "usr/share/doc/simkeeper/README.md")
-    put("", "usr/share/doc/simkeeper/copyright", text=(
-        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
-        "Upstream-Name: simkeeper\n\nFiles: *\nLicense: Apache-2.0\n"
-        " On Debian systems the full text is in /usr/share/common-licenses/Apache-2.0.\n"
-        "\nFiles: opt/simkeeper/wheels/*\nLicense: various\n"
-        " Each wheel carries its own licence files (*.dist-info).\n"))
-    changelog = root / "usr/share/doc/simkeeper/changelog.gz"
-    with gzip.GzipFile(changelog, "wb", mtime=0) as f:
-        f.write(f"simkeeper ({version}) bookworm; urgency=medium\n\n  * Build.\n".encode())
-    changelog.chmod(0o644)
-    put(PACKAGING / "debian" / "make-venv", "opt/simkeeper/lib/make-venv", 0o755)
+    put(PACKAGING / "polkit" / POLKIT_RULE, f"usr/share/polkit-1/rules.d/{POLKIT_RULE}")
+    put("", EXAMPLE_CONFIG, text=default_config((PACKAGING / "config.toml").read_text()))
+    (root / "etc/simkeeper").mkdir(parents=True)  # provisioning fills it: no file of ours
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/simkeeper").symlink_to(VENV_SIMKEEPER)
+    doc = "usr/share/doc/simkeeper"
+    put(PACKAGING / "README.md", f"{doc}/README.md")
+    put(DEBIAN / "copyright", f"{doc}/copyright")
+    _gzip(root / doc / "changelog.Debian.gz", CHANGELOG.read_bytes())
+    _gzip(root / "usr/share/man/man1/simkeeper.1.gz", manual(version).encode())
+    put(DEBIAN / "lintian-overrides", "usr/share/lintian/overrides/simkeeper")
+    put(DEBIAN / "make-venv", "opt/simkeeper/lib/make-venv", 0o755)
     for wheel in sorted(wheel_dir.glob("*.whl")):
         put(wheel, f"opt/simkeeper/wheels/{wheel.name}")
-    for d in (root / "etc/simkeeper", root / "opt/simkeeper"):
-        d.chmod(0o755)
 
     control = root / "DEBIAN"
     control.mkdir()
-    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) // 1024 + 1
-    put("", "DEBIAN/control", text=(PACKAGING / "debian" / "control.in").read_text()
+    size = sum(p.stat().st_size for p in _files(root)) // 1024 + 1
+    put("", "DEBIAN/control", text=(DEBIAN / "control.in").read_text()
         .replace("@VERSION@", version).replace("@ARCH@", arch).replace("@SIZE@", str(size)))
-    put(PACKAGING / "debian" / "conffiles", "DEBIAN/conffiles")
-    for script in ("postinst", "prerm", "postrm"):
-        put(PACKAGING / "debian" / script, f"DEBIAN/{script}", 0o755)
-    sums = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and control not in p.parents):
-        rel = path.relative_to(root).as_posix()
-        if not rel.startswith("etc/"):  # conffiles are checked by dpkg on their own
-            sums.append(f"{hashlib.md5(path.read_bytes()).hexdigest()}  {rel}")
+    for script in MAINTAINER_SCRIPTS:
+        put(DEBIAN / script, f"DEBIAN/{script}", 0o755)
+    sums = [f"{hashlib.md5(p.read_bytes()).hexdigest()}  {p.relative_to(root).as_posix()}"
+            for p in _files(root) if control not in p.parents]
     put("", "DEBIAN/md5sums", text="\n".join(sums) + "\n")
-    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())]:
         d.chmod(0o755)
 
 
@@ -178,7 +238,7 @@ def build(arch: str, out: Path, python: str, *, pin: bool = True,
     if shutil.which("dpkg-deb") is None:
         raise BuildError("dpkg-deb not found (apt-get install dpkg-dev)")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    version = f"{project['version']}-1"
+    version = package_version(project["version"])
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="simkeeper-deb-") as tmp:
         wheel_dir = Path(tmp) / "wheels"
