@@ -91,6 +91,15 @@ def resign(key: Ed25519PrivateKey, env: dict[str, Any]) -> bytes:
     return canonical_json({**body, "sig": sign(key, canonical_json(body))})
 
 
+def lax_signed(key: Ed25519PrivateKey, env: dict[str, Any]) -> bytes:
+    """``env`` signed as a signer that ignores DESIGN.md's rule would: over Python's json of
+    whatever it holds (floats, big integers, any key, lone surrogates)."""
+    body = {k: v for k, v in env.items() if k != "sig"}
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    sig = sign(key, raw.encode("utf-8", "surrogatepass"))
+    return json.dumps({**body, "sig": sig}).encode()
+
+
 def reason(res: dict[str, Any]) -> str:
     assert res["status"] == "rejected", res
     return str(res["detail"]).split(":")[0]
@@ -205,7 +214,8 @@ async def test_each_refusal_reason(store: Store, key: Ed25519PrivateKey) -> None
         "malformed": b"\xff\xfe",
         "malformed ": b'{"id": "x"',
         "malformed  ": canonical_json({**env, "extra": 1}),
-        "malformed   ": canonical_json({**env, "issued_at": 1.5}),
+        "malformed   ": lax_signed(key, {**env, "issued_at": 1.5}),
+        "malformed    ": lax_signed(key, {**env, "args": {"scope": "data", "until": 1.0}}),
     }
     for want, payload in cases.items():
         res = await proc.handle(payload)

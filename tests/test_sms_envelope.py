@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,14 @@ from hypothesis import strategies as st
 from agent.commands.sms import ModemSmsReply, SmsCommandReader
 from agent.commands.sms_envelope import (
     PART_CHARS,
+    SMS_NAMES,
     SmsAssembler,
     SmsEnvelopeError,
+    decode_blob,
     encode_sms,
     reply_text,
 )
-from agent.core.signing import canonical_json
+from agent.core.signing import b64url, canonical_json
 from agent.core.store import Store
 from agent.fleet.sign import make_envelope
 from drivers.channel import AtChannel
@@ -92,9 +96,36 @@ def test_incomplete_messages_expire() -> None:
         assert asm.feed(p) is None  # the first part was forgotten
 
 
+async def test_round_trip_under_the_signing_rule(tmp_path: Path) -> None:
+    """The hostile characters of DESIGN.md's rule survive SMS: the device runs the command with
+    exactly the reason signed; a body outside the rule (a float) is refused, saying so."""
+    reason = "Grüße 東京 \U0001f600\u2028\u2029\x7f" + "".join(chr(c) for c in range(32)) + '"\\'
+    env = make_envelope(KEY, DEVICE, "suspend", {"scope": "data", "reason": reason}, now=NOW,
+                        cid="sms-rule")
+    asm = SmsAssembler()
+    payload = [out for p in encode_sms(env) if (out := asm.feed(p)) is not None]
+    assert payload == [canonical_json(env)]
+    store, spy = Store(tmp_path / "simkeeper.db"), Spy()
+    try:
+        res = await processor(store, KEY, spy).handle(payload[0], names=SMS_NAMES, via="SMS")
+    finally:
+        store.close()
+    assert res["status"] == "ok", res
+    assert spy.calls == [("suspend", {"scope": "data", "reason": reason})]
+    body = b'{"args":{"scope":"data","x":1.0},"device_id":"gw-0001","expires_at":2,"id":"f",' \
+        b'"issued_at":1,"name":"suspend"}'
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    blob = bytes(64) + packer.compress(body) + packer.flush()
+    with pytest.raises(SmsEnvelopeError, match=r"args\.x: 1\.0 is a float"):
+        decode_blob(b64url(blob), b64url(hashlib.sha256(blob).digest())[:4])
+
+
 def test_reply_text_fits_one_sms() -> None:
     text = reply_text({"id": "x", "status": "ok", "detail": {"state": "é" * 300}})
     assert len(text) <= 160 and text.startswith("SK1R:x ok ") and text.isascii()
+    # a detail is not signed: a float in it is fine
+    assert reply_text({"id": "y", "status": "ok", "detail": {"rssi": -71.5}}) == (
+        'SK1R:y ok {"rssi":-71.5}')
 
 
 class RecordingChannel:

@@ -6,8 +6,9 @@
 other fields (:func:`agent.core.signing.canonical_json`).
 
 :func:`parse_envelope` raises :class:`Refused` only, whatever the bytes: size and nesting are
-capped before anything else looks at them, duplicate keys and NaN are refused, and a payload
-that has no canonical form (lone surrogates) is malformed.
+capped before anything else looks at them, duplicate keys and NaN are refused, and anything
+outside DESIGN.md's signing rule (a float, even ``1.0``; an integer past ±(2^53-1); a key such
+as ``"2"`` or ``"a.b"``; a lone surrogate) is malformed, the reason saying what and where.
 """
 
 from __future__ import annotations
@@ -64,10 +65,27 @@ class Envelope:
         return hashlib.sha256(self.signed).hexdigest()
 
 
+class _Float(float):
+    """A JSON number with a fraction or an exponent, named as it was written (``1e3``, not
+    ``1000.0``) when the signing rule refuses it."""
+
+    text: str
+
+    def __new__(cls, text: str) -> _Float:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate key")
+    obj: dict[str, Any] = {}
+    for key, value in pairs:  # two values for one key: which one was signed?
+        if key in obj:
+            raise ValueError(f"duplicate key {key[:40]!r}")
+        obj[key] = value
     return obj
 
 
@@ -97,7 +115,8 @@ def load_json(payload: bytes, *, max_bytes: int = MAX_BYTES, max_depth: int = MA
     except UnicodeDecodeError:
         raise Refused("malformed", "not UTF-8") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+                         parse_float=_Float)
     except RecursionError:
         raise Refused("malformed", f"nested deeper than {max_depth}") from None
     except ValueError as exc:
@@ -142,13 +161,15 @@ def parse_envelope(payload: bytes, *, max_bytes: int = MAX_BYTES,
         raise Refused("malformed", f"expires_at must be within {MAX_LIFETIME} s after issued_at",
                       cid)
     sig = obj.pop("sig")
+    try:
+        signed = canonical_json(obj)
+    except SigningError as exc:
+        raise Refused("malformed", str(exc), cid) from None
     if not isinstance(sig, str):
         raise Refused("bad signature", "sig must be a string", cid)
     try:
         raw_sig = decode_signature(sig)
-        signed = canonical_json(obj)
     except SigningError as exc:
-        reason: Reason = "bad signature" if "signature" in str(exc) else "malformed"
-        raise Refused(reason, str(exc), cid) from None
+        raise Refused("bad signature", str(exc), cid) from None
     return Envelope(id=cid, device_id=obj["device_id"], name=obj["name"], args=obj["args"],
                     issued_at=issued, expires_at=expires, sig=raw_sig, signed=signed)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 import time
 import zlib
@@ -152,7 +153,8 @@ def reply_text(result: Mapping[str, Any], limit: int = 160) -> str:
     """A ``cmd/result`` as one SMS: ``SK1R:<id> <status> <detail>``, cut to ``limit``."""
     detail = result.get("detail")
     if not isinstance(detail, str):
-        detail = canonical_json(detail).decode() if detail is not None else ""
+        detail = "" if detail is None else json.dumps(  # not signed: floats are fine here
+            detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     text = f"SK1R:{result.get('id') or '-'} {result.get('status')} {detail}"
     text = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,10 +1,11 @@
 """Ed25519 the way the operator signs things: PEM public keys, base64url signatures, canonical JSON.
 
 Shared by the signed conformance list (detached signature over a file's bytes) and by signed
-commands (signature over the canonical JSON of an envelope). A public key is kept as its 32 raw
-bytes, read from its PEM here without ``cryptography``: the daemon pins the operator key at
-start (a bad one is refused there), and ``cryptography`` (about 9 MB of RSS) is only imported by
-:func:`verify`, when the first signature is checked.
+commands (signature over the canonical JSON of an envelope, under DESIGN.md's exact rule,
+:func:`check_rule`, so that a signer in any language makes the same bytes). A public key is kept
+as its 32 raw bytes, read from its PEM here without ``cryptography``: the daemon pins the
+operator key at start (a bad one is refused there), and ``cryptography`` (about 9 MB of RSS) is
+only imported by :func:`verify`, when the first signature is checked.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import binascii
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["SigningError", "b64url", "canonical_json", "decode_signature", "key_id",
-           "load_public_key", "spki_id", "verify"]
+__all__ = ["MAX_INT", "SigningError", "b64url", "canonical_json", "check_rule",
+           "decode_signature", "key_id", "load_public_key", "spki_id", "verify"]
 
 SIGNATURE_BYTES = 64
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
+MAX_INT = 2**53 - 1  # the largest integer every JSON reader holds exactly (an IEEE double)
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _PEM = re.compile(rb"-----BEGIN ((?:RSA )?PUBLIC KEY)-----(.*?)-----END \1-----", re.S)
 _ED25519_OID = bytes.fromhex("2b6570")  # 1.3.101.112 (RFC 8410)
 # DER of an Ed25519 SubjectPublicKeyInfo up to the key: the only encoding RFC 8410 allows.
@@ -118,13 +122,53 @@ def verify(key: bytes, signature: bytes, data: bytes) -> bool:
     return True
 
 
+def check_rule(obj: Any) -> None:
+    """Raise :class:`SigningError` naming the first value outside DESIGN.md's signing rule, and
+    where it is (``args.list[2]``): strings without lone surrogates, integers within
+    ±(2^53-1), ``true``/``false``/``null``, arrays, and objects whose keys match
+    ``[A-Za-z_][A-Za-z0-9_-]*``. No floats, even integral ones (``1.0``)."""
+    try:
+        _check(obj, "")
+    except RecursionError:
+        raise SigningError("nested too deep (or circular)") from None
+
+
+def _check(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            _refuse(where, "a lone surrogate in a string (it has no UTF-8 form)")
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if not -MAX_INT <= value <= MAX_INT:
+            _refuse(where, f"{_cut(repr(value))} is outside -(2^53-1)..2^53-1")
+    elif isinstance(value, float):
+        _refuse(where, f"{_cut(repr(value))} is a float; the signing rule has integers only")
+    elif isinstance(value, dict):
+        for key, child in value.items():
+            if not isinstance(key, str) or not _KEY.fullmatch(key):
+                _refuse(where, f"key {_cut(repr(key))} does not match {_KEY.pattern}")
+            _check(child, f"{where}.{key}" if where else key)
+    elif isinstance(value, list | tuple):
+        for index, child in enumerate(value):
+            _check(child, f"{where}[{index}]")
+    else:
+        _refuse(where, f"a {type(value).__name__} has no JSON form")
+
+
+def _cut(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _refuse(where: str, what: str) -> NoReturn:
+    raise SigningError(f"{_cut(where or 'the envelope', 120)}: {what}")
+
+
 def canonical_json(obj: Any) -> bytes:
     """DESIGN.md's signed bytes: keys sorted at every level, ``,`` and ``:`` without spaces,
-    non-ASCII kept as UTF-8. Raises :class:`SigningError` for what has no UTF-8 form (lone
-    surrogates) or no JSON form."""
-    try:
-        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
-        return text.encode("utf-8")
-    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
-        raise SigningError(f"no canonical JSON form: {exc}") from None
+    integers in plain decimal, non-ASCII and U+007F kept as UTF-8, control characters escaped
+    as ``\\b \\t \\n \\f \\r`` or ``\\u00xx``. Raises :class:`SigningError` (why, and where)
+    for anything outside the rule (:func:`check_rule`)."""
+    check_rule(obj)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8")
