@@ -1,11 +1,17 @@
 """`simkeeper demo` runs the whole path (simulated modem, local mosquitto, the agent, a sample
 app) and shows the modem, the SIM lifecycle, the outbox, the uplink, the events and what reached
-the broker."""
+the broker; run to the end of its tour, it shows each step as it happens."""
 
 from __future__ import annotations
 
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +65,60 @@ def test_demo_without_mosquitto_says_what_to_install(tmp_path: str) -> None:
     assert done.returncode == 1
     assert "mosquitto not found" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+# The tour of drivers/simulator/scenarios/demo.toml, as the view shows it: each step's first line.
+TOUR: dict[str, Callable[[str], bool]] = {
+    "sms": lambda line: "sms-received" in line and "Hello from the operator" in line,
+    "reject": lambda line: "network-reject" in line and "->suspended" in line and "#7" in line,
+    "suspended": lambda line: "suspension: radio by network (emm #7" in line,
+    "resumed": lambda line: "network-recovered" in line and "->awaiting-activation" in line,
+    "reset": lambda line: "modem-reset" in line and "RDY" in line,
+}
+
+
+def _lines(stream: queue.Queue[str | None], proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        stream.put(line)
+    stream.put(None)
+
+
+TOUR_DEADLINE = 240.0  # s: the tour is over about 60 s after the start; a loaded machine
+
+
+@pytest.mark.timeout(TOUR_DEADLINE + 120)
+def test_demo_shows_its_tour_as_it_happens(mosquitto: str, tmp_path: Path) -> None:
+    """Headless, to the end of the tour: the SMS, the network's reject (EMM #7) and the
+    suspension it causes, the resumption, the modem reset, each shown in that order, while the
+    demo runs; then SIGTERM stops it cleanly."""
+    with (tmp_path / "stderr").open("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "demo", "--interval", "1",
+                                 "--duration", str(TOUR_DEADLINE + 60)],
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+        stream: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_lines, args=(stream, proc), daemon=True).start()
+        seen: dict[str, int] = {}
+        deadline = time.monotonic() + TOUR_DEADLINE
+        try:
+            n = 0
+            while len(seen) < len(TOUR):
+                try:
+                    line = stream.get(timeout=max(0.1, deadline - time.monotonic()))
+                except queue.Empty:
+                    pytest.fail(f"the tour not shown within {TOUR_DEADLINE:g} s: only {seen}")
+                assert line is not None, f"the demo ended before the tour did: {seen}"
+                n += 1
+                seen.update({step: n for step, shows in TOUR.items()
+                             if step not in seen and shows(line)})
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        errors = err.read()
+    assert seen["sms"] < seen["reject"] < seen["resumed"] < seen["reset"], seen
+    assert seen["suspended"] < seen["resumed"], seen
+    assert "Traceback" not in errors, errors

@@ -4,8 +4,15 @@ Everything runs here, in temporary files: a simulated modem (``drivers.simulator
 scenario on a real pty; a local mosquitto listens on a free loopback port; the real daemon
 (:class:`agent.daemon.Daemon`, in this process) owns the modem, the outbox and the uplink; a
 little app publishes sample readings through the ingest socket, as any app on a gateway would;
-and a subscriber shows what reaches the broker. The view refreshes until Ctrl-C (or
-``--duration`` seconds).
+and a subscriber shows what reaches the broker. The view refreshes until Ctrl-C or SIGTERM (a
+clean stop, exit 0) or ``--duration`` seconds.
+
+The tour (``drivers/simulator/scenarios/demo.toml``) is over within about a minute: each step
+shows as it happens, in the modem lines, the SIM lifecycle and the events the agent sends up
+(``sms-received``, ``network-reject`` with its cause, ``network-recovered``, ``modem-reset``).
+The keeper hears the network's reject from its ``+CEREG`` URC at once; the demo's agent probes
+a SIM the network barred every :data:`PROBE_INTERVAL` seconds (a gateway: every 6 hours), so the
+network's return shows within seconds too.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import math
+import signal
 import sys
 import tempfile
 import threading
@@ -28,6 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.cli.errors import CliError
 from agent.core import config
+from agent.core.tasks import wait_event
 from agent.daemon import Daemon
 from agent.fleet.localbroker import BrokerError, LocalBroker
 from agent.telemetry.batch import BatchError, decode_batch
@@ -37,6 +46,8 @@ DEMO_SCENARIO = Path(__file__).resolve().parents[2] / "drivers/simulator/scenari
 CLEAR = "\x1b[H\x1b[2J"
 DEVICE = "demo-gw"
 APP_TOPIC = "demo/room1"
+EVENTS_SHOWN = 6
+PROBE_INTERVAL = 6.0  # s: [lifecycle] network_probe_interval, so the tour's resumption shows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +73,7 @@ class _Watcher:
     def __init__(self, port: int, base: str) -> None:
         self.readings: Counter[str] = Counter()
         self.last: deque[str] = deque(maxlen=6)
-        self.events: deque[str] = deque(maxlen=4)
+        self.events: deque[str] = deque(maxlen=EVENTS_SHOWN)
         self.status = "-"
         self._lock = threading.Lock()
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2)
@@ -104,16 +115,20 @@ class _Watcher:
 
 
 def _event_line(reading: dict[str, Any]) -> str:
-    """``HH:MM:SS kind  field=value ...`` of one event as it arrived at the broker."""
+    """``HH:MM:SS kind  from->to reason=... field=value ...`` of one event as it arrived at the
+    broker: a transition's ``detail`` flattened, its reason first (a line is cut at 80)."""
     data = reading.get("data")
-    ts = data.get("ts") if isinstance(data, dict) else None
+    fields = dict(data) if isinstance(data, dict) else {"data": data}
+    ts = fields.pop("ts", None)
     stamp = time.strftime("%H:%M:%S", time.localtime(ts if isinstance(ts, int | float)
                                                      else reading.get("ts", time.time())))
-    fields = data.items() if isinstance(data, dict) else [("data", data)]
-    detail = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
-                      for k, v in fields
-                      if k not in ("kind", "ts", "iccid") and v not in (None, {}, [], ""))
-    return f"{stamp} {reading.get('topic', '?')}  {detail}"
+    detail = fields.pop("detail", None)
+    fields.update(detail if isinstance(detail, dict) else {"detail": detail})
+    words = [f"{fields.pop('from')}->{fields.pop('to')}"] if {"from", "to"} <= fields.keys() else []
+    for k, v in sorted(fields.items(), key=lambda kv: kv[0] != "reason"):
+        if k not in ("kind", "iccid") and v not in (None, {}, [], ""):
+            words.append(f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}")
+    return f"{stamp} {reading.get('topic', '?')}  {' '.join(words)}"
 
 
 async def _sample_app(path: Path) -> None:
@@ -142,6 +157,7 @@ async def demo(scenario: Path, interval: float, duration: float, out: TextIO) ->
             cfg = config.parse(
                 f'device_id = "{DEVICE}"\n[modem]\nport = "{link}"\ndata_path = "agent"\n'
                 f"poll_interval = {interval}\n[health]\ninterval = 30.0\n"
+                f"[lifecycle]\nnetwork_probe_interval = {PROBE_INTERVAL}\n"
                 f"[uplink]\nport = {port}\nbatch_max_latency = 1.0\n"
                 "rate_messages_per_minute = 600\n"  # a lively view; the default is 60
                 f'[store]\npath = "{directory / "state/simkeeper.db"}"\n'
@@ -157,11 +173,18 @@ async def demo(scenario: Path, interval: float, duration: float, out: TextIO) ->
                 await agent  # raises why it could not start
             watcher = _Watcher(port, f"{cfg.uplink.prefix}/{DEVICE}")
             app = asyncio.create_task(_sample_app(cfg.ingest.socket))
+            quit_ = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, quit_.set)
             try:
-                while not duration or time.monotonic() - started < duration:
+                while not quit_.is_set() and (not duration
+                                              or time.monotonic() - started < duration):
                     _draw(out, started, port, daemon, watcher)
-                    await asyncio.sleep(interval)
+                    await wait_event(quit_, interval)
             finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
                 app.cancel()
                 await asyncio.gather(app, return_exceptions=True)
                 watcher.close()
@@ -197,7 +220,7 @@ def _draw(out: TextIO, started: float, port: int, daemon: Daemon, watcher: _Watc
         f"outbox: {count} readings waiting ({size} B)",
         f"uplink: {up['kind']} {up['state']}, {up['readings_sent']} readings sent",
         "",
-        "events (last 4):" if events else "events: none yet",
+        f"events (last {EVENTS_SHOWN}):" if events else "events: none yet",
         *(f"  {e}" for e in events),
         "",
         "at the broker:",

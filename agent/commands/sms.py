@@ -6,6 +6,7 @@ indications (``AT+CNMI=2,1``), reads what was stored while nobody listened, then
 acted on: the processor's journal, not the SIM's store, makes a command run at most once; a
 message that is not a command is deleted too, or the store fills and commands stop arriving),
 then the assembled envelope goes to the processor with only :data:`SMS_NAMES` accepted.
+Every message read is an ``sms-received`` event (sender; the text of one that is not a command).
 
 ``reply(sender, result)`` answers (sync or async); the daemon passes :class:`ModemSmsReply`
 when the data path is down, or a callable that publishes ``cmd/result`` otherwise. Refusals of
@@ -35,8 +36,13 @@ from drivers.errors import ModemError
 log = logging.getLogger(__name__)
 
 Reply = Callable[[str, dict[str, Any]], Awaitable[None] | None]
+Emit = Callable[..., Any]  # agent.telemetry.events.Events.emit: (kind, **fields)
 _SILENT = ("malformed", "unsigned", "bad signature", "unknown key")
 _NUMBER = re.compile(r"\+?[0-9]{3,20}")
+
+
+def _no_event(kind: str, /, **fields: Any) -> None:
+    """The default :data:`Emit`: events go nowhere."""
 
 
 class SmsChannel(Protocol):
@@ -71,8 +77,9 @@ def _index(text: str) -> int | None:
 
 class SmsCommandReader:
     def __init__(self, channel: SmsChannel, processor: Processor, reply: Reply, *,
-                 assembler: SmsAssembler | None = None) -> None:
+                 assembler: SmsAssembler | None = None, emit: Emit = _no_event) -> None:
         self._channel = channel
+        self._emit = emit
         self._processor = processor
         self._reply = reply
         self._assembler = assembler or SmsAssembler()
@@ -142,7 +149,13 @@ class SmsCommandReader:
 
     async def process(self, sender: str, text: str) -> None:
         """One message's text from ``sender``."""
-        if not SmsAssembler.is_command(text):
+        command = SmsAssembler.is_command(text)
+        try:
+            self._emit("sms-received", text=None if command else text[:160], sender=sender,
+                       command=command)
+        except Exception:  # an event lost never costs a command
+            log.exception("SMS from %s: sms-received not emitted", sender)
+        if not command:
             self.ignored += 1
             log.info("SMS from %s is not a command; deleted", sender)
             return
@@ -199,8 +212,10 @@ class SmsCommands:
     (``mqtt_ready``), by SMS when the data path is down."""
 
     def __init__(self, processor: Processor, *, publish: Callable[[dict[str, Any]], None],
-                 mqtt_ready: Callable[[], bool], retry: float = 30.0) -> None:
+                 mqtt_ready: Callable[[], bool], retry: float = 30.0,
+                 emit: Emit = _no_event) -> None:
         self._processor = processor
+        self._emit = emit
         self._publish = publish
         self._mqtt_ready = mqtt_ready
         self._retry = retry
@@ -219,7 +234,7 @@ class SmsCommands:
         try:
             while True:
                 reset.clear()
-                reader = SmsCommandReader(channel, self._processor, reply)
+                reader = SmsCommandReader(channel, self._processor, reply, emit=self._emit)
                 try:
                     await reader.start()
                     ready = True

@@ -8,10 +8,16 @@ activation runs again. The watch suspends an active SIM on a permanent reject, a
 up a context the network cut when the agent owns the data path. While a listening window is
 open, the context of a SIM that was activated is brought up too (the agent's data path), so a
 queued order can arrive by MQTT; SMS needs only the radio on.
+
+The network also speaks unasked: a registration URC (registered, searching, denied with its
+reject cause) or a time URC makes :meth:`NetworkWatch.look_again` start the keeper's next round
+at once, not at its poll, so a reject suspends the SIM within seconds; a storm of URCs starts
+at most one round per :data:`URC_GAP` seconds, and the last URC is never left unlooked at.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -23,6 +29,8 @@ from drivers.modem import Modem
 
 log = logging.getLogger("agent.sim.keeper")  # the keeper's parts log as one
 
+URC_GAP = 1.0  # seconds: URCs start at most one keeper round per gap, however many come
+
 
 class NetworkWatch:
     def __init__(self, sim: SimSlot, activator: Activator, backoff: Backoff, wake: Wake,
@@ -33,11 +41,25 @@ class NetworkWatch:
         self._wake = wake
         self._mono = mono
         self.probe_at: float | None = None  # when to probe a barred SIM next (monotonic)
+        self._look: asyncio.TimerHandle | None = None  # the round URCs asked for, when due
+        self._looked_at = -URC_GAP  # when URCs last started one (loop time)
 
     def reset(self) -> None:
         """The network took the SIM (back), or another SIM came: no probe, no backoff."""
         self.probe_at = None
         self._backoff.reset()
+
+    def look_again(self) -> None:
+        """The network spoke (a URC): the keeper's next round starts now, or :data:`URC_GAP`
+        after the last one URCs started; while that one is due, more URCs add nothing."""
+        if self._look is None:
+            loop = asyncio.get_running_loop()
+            self._look = loop.call_at(max(loop.time(), self._looked_at + URC_GAP), self._looked)
+
+    def _looked(self) -> None:
+        self._look = None
+        self._looked_at = asyncio.get_running_loop().time()
+        self._wake.poke()  # ends the idle pause only: never a backoff between attempts
 
     def schedule_probe(self) -> None:
         self.probe_at = self._mono() + self._backoff.probe_delay(self._sim.time_left())
