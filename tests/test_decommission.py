@@ -473,7 +473,10 @@ async def test_running_agent_that_may_not_wipe_asks_root(
         def gates_changed(self) -> None:
             pass
 
-        async def stop_uplinks(self) -> None:
+        async def publish_state(self) -> bool:
+            return False  # the uplink is down: the decommission goes on all the same
+
+        async def stop_uplinks(self, _reason: str) -> None:
             pass
 
     try:

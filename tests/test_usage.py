@@ -18,7 +18,8 @@ from agent.core.config import Threshold, UsageConfig, parse
 from agent.core.store import Store
 from agent.telemetry.events import Events
 from agent.telemetry.outbox import EVENTS, USAGE, Outbox
-from agent.usage.meter import Counters, UsageMeter, billing_period, read_kernel
+from agent.usage.meter import Counters, UsageMeter, read_kernel
+from agent.usage.period import billing_period
 
 ICCID = "8981100000000000001"
 OTHER = "8981100000000000002"

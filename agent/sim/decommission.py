@@ -8,12 +8,15 @@ The ``decommission`` order runs in two parts, in this order (:class:`Decommissio
    refused, and the ``decommissioned`` event is committed. The handler returns, so the command's
    result is handed to the MQTT session right after.
 2. :meth:`Decommissioner._finish`, a task: once the result was handed over (or 5 s passed), it
-   waits (at most ``drain_timeout``) for the ``events`` stream to go up, then stops the MQTT
-   session: the retained ``offline`` is published and its PUBACK awaited before the disconnect,
-   and MQTT keeps a session's order, so the result and the event are at the broker before the
-   session is down. Only then are the identity keys wiped (:func:`wipe`) and the radio turned
-   off (lifecycle ``terminated``, ``AT+CFUN=0``, held for whatever SIM is in the slot): on a
-   gateway the session rides on that radio. The marker is completed with what was wiped.
+   waits (at most ``drain_timeout``) for the ``events`` stream to go up, publishes the final
+   retained ``state`` (``decommissioned``, the SIM ``terminated``) and waits (at most 5 s) for
+   its PUBACK, then stops the MQTT session for the reason ``decommissioned`` (``status`` shows
+   the uplink ``stopped (decommissioned)``): the retained ``offline`` is published and its
+   PUBACK awaited before the disconnect, and MQTT keeps a session's order, so the result, the
+   event and the state are at the broker before the session is down. Only then are the
+   identity keys wiped (:func:`wipe`) and the radio turned off (lifecycle ``terminated``,
+   ``AT+CFUN=0``, held for whatever SIM is in the slot): on a gateway the session rides on
+   that radio. The marker is completed with what was wiped.
 
 A decommissioned agent refuses to start (:func:`check_start`, :class:`Decommissioned`: exit 1,
 one line) until the gateway is **re-provisioned**, which means exactly: the device certificate
@@ -72,6 +75,7 @@ MARKER = "decommission"
 HISTORY = "decommission.history"
 WIPE_REQUEST = "wipe-requested"  # beside the database; packaging/simkeeper-wipe.path watches it
 _RESULT_WAIT = 5.0
+STOP_REASON = "decommissioned"  # the uplink's, in ``status``
 
 
 class Decommissioned(Exception):
@@ -242,7 +246,9 @@ def request_wipe(cfg: Config, marker: dict[str, Any]) -> Path | None:
 @dataclass(frozen=True, slots=True)
 class Plant:
     """What the decommission acts on: the parts the daemon built, ``gates_changed`` (readings
-    and telemetry are refused from now on) and ``stop_uplinks`` (the retained ``offline``)."""
+    and telemetry are refused from now on), ``publish_state`` (the retained ``state`` now;
+    whether its PUBACK came, within a bound) and ``stop_uplinks`` (given why; the retained
+    ``offline``)."""
 
     cfg: Config
     config_path: Path | None
@@ -251,7 +257,8 @@ class Plant:
     events: Events
     keeper: SimKeeper
     gates_changed: Callable[[], None]
-    stop_uplinks: Callable[[], Awaitable[None]]
+    publish_state: Callable[[], Awaitable[bool]]
+    stop_uplinks: Callable[[str], Awaitable[None]]
 
 
 class Decommissioner:
@@ -319,7 +326,10 @@ class Decommissioner:
             # The outbox tells no one of acks: a short, bounded poll.
             while p.outbox.depth("events")[0] and loop.time() < end:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
-            await p.stop_uplinks()
+            if not await p.publish_state():
+                log.warning("the final state (decommissioned) was not acknowledged by the"
+                            " broker before the uplink stopped")
+            await p.stop_uplinks(STOP_REASON)
             paths = key_files(p.cfg, p.config_path)
             wiped, failed = await loop.run_in_executor(None, wipe, paths)
             with contextlib.suppress(KeeperError, LifecycleError):

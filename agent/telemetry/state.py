@@ -7,6 +7,13 @@ most once per ``heartbeat`` seconds, to spare the SD card. Signal, counters and 
 count as a change, with one exception: the count of readings sent reaches the row on its own
 once it held still between two looks (a burst is written whole), at most once per
 ``counts_every`` seconds; changes within that time ride the next write.
+
+The retained ``state`` also carries what ``fleet watch`` must read from a fresh subscription:
+``usage``, the current SIM's last ``usage`` report (reports are not retained; a new one
+publishes the state again), and ``decommissioned``, ``{"at", "iccid"}`` from the moment a
+decommission begins: the SIM it returns shows ``terminated`` at once, since that state would
+otherwise only be reached once the uplink is down (:meth:`StateReporter.publish_now` is the
+decommission's last word before the uplink stops).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.core import runtime
@@ -38,6 +45,8 @@ class Snapshot:
     uplink: dict[str, Any]
     sims: list[dict[str, Any]]
     tasks: dict[str, Any]
+    usage: dict[str, dict[str, Any]] = field(default_factory=dict)  # iccid: last report sent
+    decommissioned: dict[str, Any] | None = None  # the decommission marker, once one began
 
 
 class StateReporter:
@@ -49,7 +58,7 @@ class StateReporter:
         *,
         snapshot: Callable[[], Snapshot],
         usage: Callable[[], list[dict[str, Any]]],
-        publish: Callable[[dict[str, Any]], None],
+        publish: Callable[[dict[str, Any]], asyncio.Future[None] | None],
         heartbeat: float = runtime.HEARTBEAT,
         counts_every: float = COUNTS_EVERY,
     ) -> None:
@@ -97,11 +106,24 @@ class StateReporter:
         """The last write: the row says the agent stopped."""
         await self._write(self._snapshot(), time.time())
 
+    async def publish_now(self, timeout: float = 5.0) -> bool:
+        """Publish the retained ``state`` as it is now and wait, at most ``timeout`` seconds,
+        for its PUBACK; whether it came (not while the uplink is down)."""
+        sent = self._publish(self.state())
+        if sent is None:
+            return False
+        await asyncio.wait([sent], timeout=timeout)
+        return sent.done() and not sent.cancelled() and sent.exception() is None
+
     def state(self, snap: Snapshot | None = None) -> dict[str, Any]:
-        """The retained ``state``: the SIM in the slot (lifecycle, suspension, conformance),
-        every SIM the keeper knows, and the modems."""
+        """The retained ``state``: the SIM in the slot (lifecycle, suspension, conformance,
+        usage), every SIM the keeper knows, the modems, and the decommission (module doc)."""
         snap = snap or self._snapshot()
-        sim = next((s for s in snap.sims if s["current"]), None)
+        gone = _decommission(snap.decommissioned)
+        sims = snap.sims if gone is None else [
+            {**s, "state": "terminated"} if s["iccid"] == gone["iccid"] else s
+            for s in snap.sims]
+        sim = next((s for s in sims if s["current"]), None)
         return {
             "device_id": self._device_id,
             "ts": time.time(),
@@ -110,8 +132,10 @@ class StateReporter:
             "suspension": sim["suspension"] if sim else None,
             "conformance": sim["conformance"] if sim else None,
             "sim": sim,
-            "sims": snap.sims,
+            "sims": sims,
             "modems": snap.modems,
+            "usage": snap.usage.get(sim["iccid"]) if sim else None,
+            "decommissioned": gone,
         }
 
     async def _write(self, snap: Snapshot, stopped_at: float | None) -> bool:
@@ -151,4 +175,10 @@ def _what_shows(snap: Snapshot) -> Any:
     sims = [{k: v for k, v in sim.items() if k not in ("time_left", "trusted_time")}
             for sim in snap.sims]
     tasks = {name: (t["running"], t["restarts"]) for name, t in snap.tasks.items()}
-    return modems, snap.uplink["state"], json.dumps(sims, sort_keys=True), tasks
+    shown = json.dumps([snap.usage, _decommission(snap.decommissioned)], sort_keys=True)
+    return modems, snap.uplink["state"], json.dumps(sims, sort_keys=True), tasks, shown
+
+
+def _decommission(marker: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What ``state`` says of a decommission marker (agent.sim.decommission)."""
+    return None if marker is None else {"at": marker.get("at"), "iccid": marker.get("iccid")}

@@ -29,7 +29,8 @@ only a crash and a counter reset together lose the uncommitted part.
 
 :meth:`UsageMeter.observe`, :meth:`UsageMeter.set_plan` and :meth:`UsageMeter.publish` commit:
 from the event loop, call them through ``await store.run(...)``. :meth:`UsageMeter.reports`
-answers from memory (kept fresh by those three), for the runtime row written every few seconds.
+answers from memory (kept fresh by those three), for the runtime row written every few seconds;
+:attr:`UsageMeter.reported` holds each SIM's last report sent, for the retained ``state``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from agent.core.readings import PRIORITY_MAX
 from agent.core.store import Store
 from agent.telemetry.events import Events
 from agent.telemetry.outbox import USAGE, Outbox, compact_json
+from agent.usage.period import billing_period, period_end
 
 SOURCES = ("modem", "kernel")
 SAVE_INTERVAL = 900.0  # the daemon's save_interval: usage commits at most this often when idle
@@ -89,17 +91,6 @@ def _cycle_key(iccid: str) -> str:
     return f"usage.cycle_day.{iccid}"
 
 
-def billing_period(now: float, cycle_day: int, tz: ZoneInfo) -> tuple[datetime, datetime]:
-    """[start, end) of the billing period holding ``now``: midnight of ``cycle_day`` (1-28)."""
-    local = datetime.fromtimestamp(now, tz)
-    year, month = local.year, local.month
-    if local.day < cycle_day:
-        year, month = (year, month - 1) if month > 1 else (year - 1, 12)
-    start = datetime(year, month, cycle_day, tzinfo=tz)
-    year, month = (year, month + 1) if month < 12 else (year + 1, 1)
-    return start, datetime(year, month, cycle_day, tzinfo=tz)
-
-
 @dataclass(frozen=True, slots=True)
 class _Cap:
     """The action in force for the current SIM until ``until`` (end of its period)."""
@@ -137,9 +128,13 @@ class UsageMeter:
         self._cache_lock = threading.Lock()
         rows = store.query("SELECT value FROM meta WHERE key = 'usage.sim'")
         self.sim: str | None = rows[0][0] if rows else None
+        # iccid: its last report queued on ``usage``, else as of the start (replaced, never
+        # changed in place: the loop reads it while publish() runs in the store's thread)
+        self.reported: dict[str, dict[str, Any]] = {}
         if self.sim is not None:
             with store.transaction() as db:
                 self._evaluate(_query(db), self.sim, clock())
+            self.reported = {self.sim: self.report(self.sim)}
 
     # -- counting ------------------------------------------------------------------------------
 
@@ -246,7 +241,7 @@ class UsageMeter:
                 cached, generation = self._cache.get(iccid), self._generation
             if cached is None or now >= cached[0]:
                 report = self._report(self._store.query, iccid, now)
-                cached = (_period_end(report), report)
+                cached = (period_end(report), report)
                 with self._cache_lock:  # unless a fresher one came meanwhile
                     if self._generation == generation:
                         self._cache[iccid] = cached
@@ -260,7 +255,7 @@ class UsageMeter:
             if report is None:
                 self._cache.pop(iccid, None)
             else:
-                self._cache[iccid] = (_period_end(report), report)
+                self._cache[iccid] = (period_end(report), report)
 
     def publish(self) -> list[str]:
         """Queue a ``usage`` report for each SIM with usage in its current period (and the SIM
@@ -275,6 +270,7 @@ class UsageMeter:
         ids = self._publish(reports, now)
         for iccid, report in fresh.items():
             self._remember(iccid, report)
+        self.reported = {**self.reported, **{r["iccid"]: r for r in reports}}
         return ids
 
     def _publish(self, reports: list[dict[str, Any]], now: float) -> list[str]:
@@ -351,7 +347,7 @@ class UsageMeter:
                 billed_estimate=billed,
                 plan_bytes=plan,
             )
-        until = datetime.fromisoformat(report["period"]["end"]).timestamp()
+        until = period_end(report)
         if not crossed:
             self._cap = _Cap(None, until, "")
             return
@@ -410,10 +406,6 @@ def _count(db: Any, key: tuple[str, str, str], epoch: str, values: tuple[int, ..
         " rx_packets = rx_packets + excluded.rx_packets",
         (*key, *deltas),
     )
-
-
-def _period_end(report: dict[str, Any]) -> float:
-    return datetime.fromisoformat(report["period"]["end"]).timestamp()
 
 
 def _query(db: Any) -> Query:
