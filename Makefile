@@ -23,11 +23,14 @@ mosquitto:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients; }
 
-# The packaging tests run lintian on the built .deb and node on the polkit rule.
+# The packaging tests run lintian on the built .deb and node on the polkit rule; the signing
+# tests sign with node, and with jq and openssl from the shell.
 packaging-tools:
 	@missing=; \
 	command -v lintian >/dev/null 2>&1 || missing="$$missing lintian"; \
 	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
+	command -v jq >/dev/null 2>&1 || missing="$$missing jq"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	test -z "$$missing" || { \
 	  echo "installing$$missing with apt-get"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -71,7 +71,8 @@ class Parts:
     def snapshot(self) -> Snapshot:
         """What ``status`` and the retained ``state`` show, from memory."""
         return Snapshot(modems=self.modems.summaries(), uplink=self.uplinks.state(),
-                        sims=self.keeper.summaries(), tasks=self.supervisor.status())
+                        sims=self.keeper.summaries(), tasks=self.supervisor.status(),
+                        usage=self.usage.reported, decommissioned=self.decommissioner.marker)
 
     def usage_reports(self) -> list[dict[str, Any]]:
         """Every SIM's usage report, from the meter's memory (no query per SIM each time)."""
@@ -145,14 +146,14 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
     inbox = CommandInbox(commands, publish_result)
     uplinks = Uplinks(cfg, outbox, supervisor, on_command=inbox.put, allow=allow)
     sms = SmsCommands(commands, publish=uplinks.publish_result,
-                      mqtt_ready=lambda: uplinks.ready)
+                      mqtt_ready=lambda: uplinks.ready, emit=events.emit)
     health = HealthReporter(outbox, lambda: modems.summaries(), interval=cfg.health.interval)
     modems = ModemPorts(cfg.modem, supervisor, hooks=_SlotHooks(keeper, sms, supervisor),
                         observe=observe, on_change=changed.set, on_ready=health.kick)
     decommissioner = decommission.Decommissioner(decommission.Plant(
         cfg=cfg, config_path=config_path, store=store, outbox=outbox, events=events,
         keeper=keeper, gates_changed=gates_changed,
-        stop_uplinks=uplinks.stop,
+        publish_state=lambda: parts.reporter.publish_now(), stop_uplinks=uplinks.stop,
     ))
     reporter = StateReporter(store, cfg.device_id, changed, snapshot=lambda: parts.snapshot(),
                              usage=lambda: parts.usage_reports(),
@@ -165,6 +166,7 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
     )
     parts = Parts(supervisor, store, outbox, events, usage, clock, keeper, commands, inbox, sms,
                   uplinks, modems, health, reporter, decommissioner, ingest)
+    gates_changed()  # a suspension from before a restart holds from the first batch on
     return parts
 
 

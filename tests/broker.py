@@ -180,7 +180,10 @@ class Message:
 
 
 class Subscriber:
-    """Subscribes to ``topic`` (QoS 1) on every (re)connection and records what arrives."""
+    """Subscribes to ``topic`` (QoS 1) on every (re)connection and records what arrives.
+    ``protocol``: MQTT 5 unless a test's broker speaks only 3.1.1 (tests/rabbit.py)."""
+
+    protocol = mqtt.MQTTv5
 
     def __init__(
         self,
@@ -193,7 +196,7 @@ class Subscriber:
         self.subscriptions = 0  # how many times SUBACK came back: one per (re)connection
         self._lock = threading.Lock()
         self._topic = topic
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=self.protocol)
         if tls:
             ca, cert, key = tls
             self.client.tls_set(str(ca), str(cert), str(key))

@@ -253,8 +253,8 @@ async def test_signed_orders_take_effect_end_to_end(tmp_path: Path, broker: Brok
     extra = f'[commands]\noperator_key = "{pub}"\n'
     async with running(tmp_path, broker, extra=extra) as (agent, sim):
         await online(broker.port)
-        suspend = make_envelope(key, DEVICE, "suspend",
-                                {"scope": "telemetry", "reason": "unpaid"}, cid="s-1")
+        suspend = make_envelope(key, DEVICE, "suspend", {"scope": "telemetry",
+                                "reason": "unpaid", "readings": "refuse"}, cid="s-1")
         first = await send_command(broker.port, suspend)
         assert first["status"] == "ok", first
         # Readings are refused with the reason; the retained state shows the suspension.

@@ -19,6 +19,7 @@ from tests.test_keeper_harness import Wall, echo_server, rig, state_of, until
 OPERATOR_RADIO = Suspension("radio", "operator", None, "order")
 NETWORK_RADIO = Suspension("radio", "network", None, "emm #7")
 OPERATOR_DATA = Suspension("data", "operator", 2_000_000_000.0, "order")
+REFUSING = Suspension("data", "operator", 2_000_000_000.0, "order", readings="refuse")
 TELEMETRY = Suspension("telemetry", "operator")
 
 
@@ -56,7 +57,9 @@ def test_gates() -> None:
     assert not telemetry_allowed("terminated", None)
     assert ingest_refusal("active", None) is None
     assert ingest_refusal("suspended", NETWORK_RADIO) is None  # kept for when the SIM is back
-    refusal = ingest_refusal("suspended", OPERATOR_DATA)
+    assert ingest_refusal("suspended", OPERATOR_DATA) is None  # kept, by default
+    assert ingest_refusal("suspended", TELEMETRY) is None
+    refusal = ingest_refusal("suspended", REFUSING)  # the order said "readings": "refuse"
     assert refusal is not None and "operator" in refusal and "2000000000" in refusal
     assert "decommissioned" in (ingest_refusal("terminated", None) or "")
 
@@ -140,7 +143,7 @@ async def test_radio_suspension_survives_a_modem_reboot_and_a_keeper_restart(
         async with echo_server() as (host, port):
             async with rig(tmp_path, store=store, probe=tcp_probe(host, port, timeout=2)) as r:
                 await until(lambda: state_of(r.keeper) == "active")
-                r.keeper.suspend("radio", reason="stop emission")
+                r.keeper.suspend("radio", reason="stop emission", readings="refuse")
                 await until(lambda: r.sim.state.radio == 4, what="CFUN=4")
                 assert not r.keeper.telemetry_allowed()
                 assert "operator" in (r.keeper.accepting() or "")
@@ -188,7 +191,7 @@ async def test_a_telemetry_suspension_ends_at_its_until(tmp_path: Path) -> None:
             tmp_path, wall=wall, probe=tcp_probe(host, port, timeout=2)) as r:
         await until(lambda: state_of(r.keeper) == "active")
         r.keeper.suspend("telemetry", until=wall.now + 600)
-        assert not r.keeper.telemetry_allowed() and r.keeper.accepting() is not None
+        assert not r.keeper.telemetry_allowed() and r.keeper.accepting() is None  # kept
         assert r.sim.state.radio == 1 and r.sim.state.pdp[1].active  # nothing on the modem
         wall.now += 601
         await until(lambda: state_of(r.keeper) == "active", what="resumed at until")

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.cli.status import read_status, render
+from agent.core.config import parse
+from agent.core.store import Store
+from agent.core.tasks import Supervisor
 from agent.telemetry.batch import decode_batch
 from agent.telemetry.http import HttpUplink
 from agent.telemetry.outbox import Outbox, Reading
-from tests.broker import fill, open_outbox, until, uplink_settings
+from agent.telemetry.state import Snapshot, StateReporter
+from agent.telemetry.uplinks import Uplinks
+from tests.broker import Broker, fill, open_outbox, until, uplink_settings
 
 TIMEOUT = 0.3  # the uplink's request timeout in these tests
 
@@ -138,3 +146,57 @@ async def test_every_reading_delivered_and_acked_only_on_2xx(
     assert sorted(i for i, _ in outbox.acked) == sorted(ids)
     kinds = {r.content_type for r in requests}
     assert kinds == ({"application/octet-stream"} if compress else {"application/json"})
+
+
+class Failing(Endpoint):
+    """Answers every POST with ``status`` (a test changes it)."""
+
+    status = 500
+
+    def verdict(self, n: int) -> int | None:
+        return self.status
+
+
+async def test_status_shows_a_failing_endpoint(broker: Broker, tmp_path: Path) -> None:
+    """MQTT up, every POST answered 500: the uplink is ``failing`` with the HTTP status, in the
+    row ``simkeeper status`` reads, until a POST succeeds (issue 11, item 15)."""
+    server = Failing()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    database = tmp_path / "simkeeper.db"
+    url = f"http://127.0.0.1:{server.server_address[1]}/flux"
+    cfg = parse(
+        f'device_id = "gw-test"\n[uplink]\nkind = "unified-endpoint"\nhttp_url = "{url}"\n'
+        f'port = {broker.port}\nreconnect_min = 0.1\nreconnect_max = 1\n'
+        f'[store]\npath = "{database}"\n'
+    )
+    store = Store(database)
+    outbox = Outbox(store, max_bytes=1 << 24, max_age=86400.0)
+    uplinks = Uplinks(cfg, outbox, Supervisor(), on_command=lambda _: None, allow=lambda _: True)
+    reporter = StateReporter(store, "gw-test", asyncio.Event(), publish=lambda _: None,
+                             snapshot=lambda: Snapshot(modems=[], uplink=uplinks.state(),
+                                                       sims=[], tasks={}), usage=list)
+
+    def row() -> dict[str, Any]:
+        return read_status(database, "gw-test")["uplink"] or {}
+
+    await uplinks.start()
+    reporting = asyncio.create_task(reporter.run())
+    try:
+        await until(lambda: row().get("state") == "connected", "the MQTT session")
+        fill(outbox, 5)
+        await until(lambda: row().get("state") == "failing", "the failing state")
+        assert row()["http_status"] == 500
+        assert row()["last_error"] == f"POST {url}: HTTP 500"
+        text = render(read_status(database, "gw-test"))
+        assert "unified-endpoint: failing over MQTT 5, last POST: HTTP 500" in text, text
+        assert f": POST {url}: HTTP 500" in text
+        server.status = 200
+        await until(lambda: row().get("state") == "connected", "the endpoint's recovery")
+        assert row()["http_status"] == 200
+        await until(lambda: outbox.depth() == (0, 0), "the readings delivered")
+    finally:
+        reporting.cancel()
+        await uplinks.stop()
+        store.close()
+        server.shutdown()
+        server.server_close()

@@ -13,6 +13,7 @@ from agent.core.backoff import Backoff
 from agent.core.config import ConfigError, parse
 from agent.fleet.localbroker import free_port
 from agent.telemetry.mqtt import MqttUplink
+from drivers.simulator import SimulatedModem
 from tests.broker import (
     Broker,
     Kicker,
@@ -23,6 +24,7 @@ from tests.broker import (
     uplink_settings,
     wait_until,
 )
+from tests.test_daemon import Agent, until_async
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,8 +53,16 @@ async def test_mutual_tls_connects_and_delivers(
         sub.close()
 
 
-@pytest.mark.parametrize("case", ["certificate from another CA", "no certificate", "plain TCP"])
-async def test_tls_broker_refuses(tls_broker: Broker, pki: Pki, tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize(("case", "why"), [
+    ("certificate from another CA", "the broker does not trust this device's certificate "
+                                    "(unknown CA"),
+    ("no certificate", "the broker requires a client certificate"),
+    ("plain TCP", "closed before CONNACK"),
+])
+async def test_tls_broker_refuses(
+    tls_broker: Broker, pki: Pki, tmp_path: Path, case: str, why: str
+) -> None:
+    """Refused, and the uplink says why in words when the TLS layer knows (issue 11, item 3)."""
     if case == "plain TCP":
         settings = uplink_settings(tls_broker.port)
     else:
@@ -67,6 +77,7 @@ async def test_tls_broker_refuses(tls_broker: Broker, pki: Pki, tmp_path: Path, 
         await until(lambda: uplink.connect_attempts >= 3, "several refused attempts")
         assert not uplink.ready
         assert sub.on("status") == []
+        assert uplink.last_error is not None and why in uplink.last_error
     finally:
         await uplink.stop()
         sub.close()
@@ -88,15 +99,33 @@ async def test_server_certificate_is_verified(broker: Broker, pki: Pki, tmp_path
     try:
         await until(lambda: uplink.connect_attempts >= 3, "several failed handshakes")
         assert not uplink.ready and sub.on("status") == []
+        assert uplink.last_error is not None and "failed" in uplink.last_error
     finally:
         await uplink.stop()
         sub.close()
+
+
+async def test_broker_certificate_from_another_ca(tls_broker: Broker, pki: Pki,
+                                                  tmp_path: Path) -> None:
+    """A broker whose certificate the configured CA did not sign: named as such."""
+    settings = uplink_settings(tls_broker.port, tls=True, allow_plain=False, ca=pki.rogue_cert,
+                               cert=pki.client_cert, key=pki.client_key)
+    uplink = MqttUplink(settings, "gw-test", open_outbox(tmp_path))
+    await uplink.start()
+    try:
+        await until(lambda: uplink.connect_attempts >= 2, "failed handshakes")
+        assert not uplink.ready
+        assert uplink.last_error is not None
+        assert "not signed by the CA in uplink.ca (unknown CA)" in uplink.last_error
+    finally:
+        await uplink.stop()
 
 
 _AGENT = """
 import asyncio, sys
 from pathlib import Path
 from agent.telemetry.mqtt import MqttUplink
+from drivers.simulator import SimulatedModem
 from tests.broker import open_outbox, uplink_settings
 
 async def main() -> None:
@@ -191,3 +220,26 @@ def test_plain_mqtt_off_loopback_needs_allow_plain() -> None:
     with pytest.raises(ConfigError, match="allow_plain"):
         parse('device_id = "gw"\n[uplink]\nhost = "broker.example.com"')
     assert parse('device_id = "gw"\n[uplink]\nhost = "beam.soracom.io"\nallow_plain = true')
+
+
+async def test_status_says_why_the_broker_refuses(tls_broker: Broker, pki: Pki,
+                                                 tmp_path: Path) -> None:
+    """The operator's step (issue 11, item 3): a device certificate from another CA; the agent's
+    log and `simkeeper status` say the broker does not trust it, in words."""
+    async with SimulatedModem("quectel", link=tmp_path / "modem", boot_seconds=0.2) as _sim:
+        agent = Agent(tmp_path, tls_broker.port, str(tmp_path / "modem"))
+        agent.config.write_text(agent.config.read_text().replace("[uplink]\n", (
+            f'[uplink]\ntls = true\nca = "{pki.ca}"\ncert = "{pki.rogue_cert}"\n'
+            f'key = "{pki.rogue_key}"\n')))
+        await agent.start()
+        try:
+            async def said() -> bool:
+                up = (await agent.status())["uplink"] or {}
+                return "unknown CA" in (up.get("last_error") or "")
+
+            await until_async(said, "the reason in status")
+            text = (await agent.cli("status")).stdout
+            assert "the broker does not trust this device's certificate" in text, text
+            assert "the broker does not trust this device's certificate" in agent.log.read_text()
+        finally:
+            await agent.stop()

@@ -8,13 +8,15 @@ telemetry to SORACOM Flux.
     fleet flux-bridge --webhook URL                telemetry -> Flux incoming webhook
     fleet simulate N [--broker H:P] [--report]     N agents with simulated modems, this process
 
-``send`` exits 1 when any device refused, failed or did not answer within ``--timeout``.
+``send`` exits 1 when any device refused, failed or did not answer within ``--timeout``, and 3
+when the only devices without an answer were offline, their commands held by the broker.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -45,11 +47,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--all", type=Path, metavar="FILE", help="device ids, one a line")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="how long to wait for each device's result (default 30)")
-    p.add_argument("--ttl", type=int, default=300, metavar="S", help="validity (default 300)")
+    p.add_argument("--ttl", type=int, default=300, metavar="S",
+                   help="how long the command stays valid, seconds (default 300); a device away"
+                        " longer refuses it as expired")
+    p.add_argument("--profile", choices=("default", "beam"), default="default",
+                   help="the devices' [uplink] profile (default: default). default: the broker"
+                        " keeps a command for a device that is offline, and send does not wait"
+                        " for it (exit 3); beam (no session kept): send publishes the command"
+                        " again, with backoff, until answered, expired or --timeout")
     add_broker_arguments(p)
 
     p = sub.add_parser("watch", help="the fleet from retained status and state: a live table")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--device", action="append", default=[], metavar="ID",
+                   help="watch this device (repeatable; default: every device). Named devices"
+                        " are subscribed by exact topic, which RabbitMQ 3.x needs to serve"
+                        " their retained state")
+    p.add_argument("--all", type=Path, metavar="FILE",
+                   help="watch the devices listed in FILE, one id a line")
     p.add_argument("--interval", type=float, default=2.0, metavar="S",
                    help="how often the table is redrawn (default 2)")
     add_broker_arguments(p)
@@ -62,7 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--client-id", default=f"simkeeper-flux-bridge-{os.uname().nodename}",
                    help="MQTT client id (default simkeeper-flux-bridge-HOSTNAME)")
     p.add_argument("--group", default="simkeeper-bridge",
-                   help="shared subscription group (default simkeeper-bridge)")
+                   help="MQTT 5 shared subscription group: bridges in one group share the"
+                        " telemetry (default simkeeper-bridge); '' for one bridge on a broker"
+                        " without shared subscriptions (MQTT 3.1.1 only, e.g. RabbitMQ 3.x)")
     add_broker_arguments(p)
 
     p = sub.add_parser("simulate", help="N complete agents with simulated modems in this"
@@ -94,19 +111,25 @@ def _devices(args: argparse.Namespace) -> list[str]:
         raise UsageError("give one DEVICE or --all FILE")
     if args.device is not None:
         return [args.device]
+    return _listed(args.all)
+
+
+def _listed(path: Path) -> list[str]:
+    """The device ids in ``path``, one a line (blank lines and # comments skipped)."""
     try:
-        lines = args.all.read_text().splitlines()
+        lines = path.read_text().splitlines()
     except OSError as exc:
-        raise FleetError(f"cannot read {args.all}: {exc.strerror}") from None
+        raise FleetError(f"cannot read {path}: {exc.strerror}") from None
     devices = [d.strip() for d in lines if d.strip() and not d.lstrip().startswith("#")]
     if not devices:
-        raise FleetError(f"{args.all} lists no device")
+        raise FleetError(f"{path} lists no device")
     return devices
 
 
 def _send(args: argparse.Namespace) -> int:
     from agent.commands.args import SCHEMAS
     from agent.fleet.send import parse_arg, send
+    from agent.fleet.sign import EnvelopeError
     from provisioning.keys import load_ed25519_private
 
     devices = _devices(args)
@@ -117,17 +140,23 @@ def _send(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     key = load_ed25519_private(args.key, "operator key")
-    outcomes = send(options_from(args), key, devices, args.name, cmd_args,
-                    timeout=args.timeout, ttl=args.ttl)
+    try:
+        outcomes = send(options_from(args), key, devices, args.name, cmd_args,
+                        timeout=args.timeout, ttl=args.ttl, profile=args.profile,
+                        say=lambda line: print(line, file=sys.stderr, flush=True))
+    except EnvelopeError as exc:  # signed before connecting: nothing was sent
+        raise UsageError(str(exc)) from None
     for outcome in outcomes:
         print(outcome.line(), flush=True)
-    return 0 if all(o.ok for o in outcomes) else 1
+    failed = [o for o in outcomes if not o.ok]
+    return 0 if not failed else 3 if all(o.queued for o in failed) else 1
 
 
 def _watch(args: argparse.Namespace) -> int:
     from agent.fleet.watch import Watcher
 
-    watcher = Watcher(options_from(args))
+    named = [*args.device, *(_listed(args.all) if args.all else [])]
+    watcher = Watcher(options_from(args), devices=dict.fromkeys(named))
     watcher.start()
     try:
         if args.once:

@@ -177,7 +177,13 @@ def render(status: dict[str, Any], *, wipe_requested: bool = False) -> str:
     if not status["modems"]:
         rows.append(("modem", "none"))
     if up := status["uplink"]:
-        rows.append(("uplink", f"{up['kind']}: {up['state']}, {up['readings_sent']} readings sent"))
+        why = f" ({up['stop_reason']})" if up.get("stop_reason") else ""
+        http = f", last POST: HTTP {up['http_status']}" if up.get("http_status") else ""
+        speaks = f" over {up['protocol']}" if up.get("protocol") else ""
+        rows.append(("uplink", f"{up['kind']}: {up['state']}{why}{speaks}{http},"
+                               f" {up['readings_sent']} readings sent"))
+        if up.get("last_error"):
+            rows.append(("", f"last error {_when(up['last_error_at'])}: {up['last_error']}"))
     box = status["outbox"]
     dropped = sum(d["count"] for d in box["drops"].values())
     waiting = f"{box['count']} readings waiting ({box['bytes']} B)"
@@ -210,9 +216,10 @@ def _decommission_line(gone: dict[str, Any], requested: bool) -> str:
 def _usage(report: dict[str, Any] | None) -> str:
     if not report:
         return "no usage yet"
-    text = f"{report['bytes_up']} B up, {report['bytes_down']} B down ({report['source']})"
-    if report["share_used"] is not None:
-        text += f", {report['share_used']:.0%} of plan"
+    text = (f"{report['bytes_up']} B up, {report['bytes_down']} B down ({report['source']}),"
+            f" billed estimate {report['billed_estimate']} B")
+    if report["share_used"] is not None:  # of the billed estimate, as the plan cap counts
+        text += f" = {report['share_used']:.0%} of the {report['plan_bytes']} B plan"
     return text
 
 

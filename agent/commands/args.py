@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.core.signing import SigningError, load_public_key
+from agent.core.signing import MAX_INT, SigningError, load_public_key
 from agent.sim.lifecycle import SCOPES
 
 
@@ -104,13 +104,13 @@ _REASON = _text(200)
 # name -> field -> (required, check). A name missing here is an unknown command.
 SCHEMAS: Mapping[str, Mapping[str, tuple[bool, Arg]]] = {
     "suspend": {"scope": (True, _choice(*SCOPES)), "until": (False, _TIME),
-                "reason": (False, _REASON)},
+                "reason": (False, _REASON), "readings": (False, _choice("keep", "refuse"))},
     "resume": {"reason": (False, _REASON)},
     "set-activation-deadline": {"iccid": (False, _ICCID), "deadline": (True, _TIME)},
     "activate": {},
     "report-usage": {},
     "get-state": {},
-    "set-plan": {"iccid": (True, _ICCID), "bytes": (True, _nullable(_int(1, 1 << 60))),
+    "set-plan": {"iccid": (True, _ICCID), "bytes": (True, _nullable(_int(1, MAX_INT))),
                  "cycle_day": (False, _int(1, 28))},
     "reset-modem": {},
     "update-conformance": {"list": (True, _text(1 << 20, what="the list's text (pass @FILE)")),

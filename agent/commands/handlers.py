@@ -16,6 +16,7 @@ from agent.commands.processor import Handler
 from agent.core.store import Store
 from agent.sim.conformance import Format
 from agent.sim.keeper import KeeperError, SimKeeper
+from agent.sim.lifecycle import Readings
 from agent.usage.meter import UsageMeter
 
 
@@ -31,19 +32,26 @@ def handlers(
     """The handlers, over the parts they act on; ``state`` is the retained ``state`` now,
     ``reset_modem`` resets the modem that carries the SIM, ``decommission`` begins one."""
 
-    def suspend(args: dict[str, Any]) -> str:
-        keeper.suspend(args["scope"], until=args.get("until"), reason=args.get("reason", ""))
-        return f"suspended ({args['scope']})"
+    async def suspend(args: dict[str, Any]) -> str:
+        await keeper.sim_known()
+        readings: Readings = args.get("readings") or "keep"
+        keeper.suspend(args["scope"], until=args.get("until"), reason=args.get("reason", ""),
+                       readings=readings)
+        return f"suspended ({args['scope']}; readings: {readings})"
 
-    def resume(args: dict[str, Any]) -> str:
+    async def resume(args: dict[str, Any]) -> str:
+        await keeper.sim_known()
         keeper.resume(args.get("reason") or "order")
         return "resumed"
 
-    def set_deadline(args: dict[str, Any]) -> str:
+    async def set_deadline(args: dict[str, Any]) -> str:
+        if args.get("iccid") is None:
+            await keeper.sim_known()
         keeper.set_deadline(float(args["deadline"]), args.get("iccid"))
         return "deadline set"
 
-    def activate(_: dict[str, Any]) -> str:
+    async def activate(_: dict[str, Any]) -> str:
+        await keeper.sim_known()
         keeper.activate()
         return "activation started"
 

@@ -3,7 +3,9 @@
 - Subscribes ``$share/<group>/<prefix>/+/telemetry`` (an MQTT 5 shared subscription: several
   bridges in the same group split the load) at QoS 1, with a persistent session
   (``clean_start`` off, a session expiry), so a restarted bridge gets back what it had not
-  acknowledged.
+  acknowledged. With an empty group, one bridge subscribes to the plain topic: the way on a
+  broker that speaks only MQTT 3.1.1 (RabbitMQ 3.x, whose MQTT plugin keeps the persistent
+  session in a durable queue); a group there is refused at once, saying so.
 - Decodes each batch with agent.telemetry.batch (zlib or JSON) and POSTs it as JSON, one batch per
   request, one at a time in arrival order.
 - Acknowledges the MQTT message (paho manual ack) only after a 2xx; anything else is retried
@@ -28,12 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.core.backoff import Backoff
 from agent.fleet import mqtt as fleet_mqtt
-from agent.fleet.mqtt import BrokerOptions
+from agent.fleet.mqtt import BrokerOptions, FleetError
 from agent.telemetry.batch import BatchError, decode_batch
 
 log = logging.getLogger(__name__)
@@ -87,16 +87,18 @@ class FluxBridge:
     def __post_init__(self) -> None:
         self._queue: queue.Queue[_Item] = queue.Queue()
         self._stop = threading.Event()
-        self._client = fleet_mqtt.new_client(self.opts, self.client_id)
-        self._client.manual_ack_set(True)
-        self._client.on_connect = self._on_connect
-        self._client.on_message = self._on_message
         self.subscribed = threading.Event()  # set on each SUBACK
-        self._client.on_subscribe = lambda *_a: self.subscribed.set()
+
+    def _attach(self, client: mqtt.Client) -> None:
+        client.manual_ack_set(True)
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.on_subscribe = lambda *_a: self.subscribed.set()
 
     @property
     def topic(self) -> str:
-        return f"$share/{self.group}/{self.opts.prefix}/+/telemetry"
+        telemetry = f"{self.opts.prefix}/+/telemetry"
+        return f"$share/{self.group}/{telemetry}" if self.group else telemetry
 
     def _on_connect(self, client: mqtt.Client, *_a: Any) -> None:
         client.subscribe(self.topic, qos=1)  # again on every connection
@@ -107,9 +109,16 @@ class FluxBridge:
     def run(self, until: threading.Event | None = None) -> None:
         """Bridge until ``until`` is set (or KeyboardInterrupt)."""
         self._stop = until or self._stop
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY
-        fleet_mqtt.start(self._client, self.opts, clean_start=False, properties=props)
+        client = fleet_mqtt.connect(self.opts, self._attach, client_id=self.client_id,
+                                    session_expiry=SESSION_EXPIRY)
+        if client.protocol == mqtt.MQTTv311 and self.group:
+            fleet_mqtt.stop(client)
+            raise FleetError(
+                f"broker {self.opts.host}:{self.opts.port} speaks only MQTT 3.1.1: no shared"
+                f" subscriptions, which --group {self.group} needs to share the telemetry among"
+                " bridges; run one bridge with --group '' (its persistent session keeps the"
+                " telemetry while it is away)")
+        self._client = client
         try:
             while not self._stop.is_set():
                 try:

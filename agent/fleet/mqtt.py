@@ -10,14 +10,19 @@ import argparse
 import os
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.telemetry.paho import tcp_no_delay
+
+V5, V311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
 
 
 class FleetError(Exception):
@@ -80,11 +85,11 @@ def options_from(args: argparse.Namespace) -> BrokerOptions:
                          key=args.client_key, username=args.username, password=password)
 
 
-def new_client(opts: BrokerOptions, client_id: str = "", **kwargs: Any) -> mqtt.Client:
-    """An MQTT 5 client set up for ``opts`` (not connected; :func:`start` says whether the
-    session starts clean)."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv5, **kwargs)
+def new_client(opts: BrokerOptions, client_id: str = "", *, protocol: MQTTProtocolVersion = V5,
+               persistent: bool = False) -> mqtt.Client:
+    """A client set up for ``opts`` (not connected: :func:`connect` does that)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+                         clean_session=not persistent if protocol == V311 else None)
     if opts.tls:
         for option, path in (("--ca", opts.ca), ("--cert", opts.cert), ("--client-key", opts.key)):
             try:
@@ -106,12 +111,30 @@ def new_client(opts: BrokerOptions, client_id: str = "", **kwargs: Any) -> mqtt.
     return client
 
 
-def start(client: mqtt.Client, opts: BrokerOptions, *, timeout: float = 10.0,
-          clean_start: bool = True, properties: Any = None) -> None:
-    """Connect, start paho's thread, and wait for the CONNACK (FleetError on failure)."""
+def connect(opts: BrokerOptions, setup: Callable[[mqtt.Client], None], *, client_id: str = "",
+            timeout: float = 10.0, session_expiry: int = 0) -> mqtt.Client:
+    """A client for ``opts``, given its callbacks by ``setup``, connected, paho's thread
+    running. MQTT 5, or 3.1.1 when the broker closes an MQTT 5 CONNECT without a CONNACK
+    (RabbitMQ 3.x); ``client.protocol`` says which. ``session_expiry`` > 0: a persistent
+    session (3.1.1: clean session off). FleetError when no CONNACK came."""
+    closed = ""
+    for protocol in (V5, V311):
+        client = new_client(opts, client_id, protocol=protocol, persistent=session_expiry > 0)
+        setup(client)
+        closed = _start(client, opts, timeout, session_expiry)
+        if not closed:
+            return client
+    raise FleetError(f"broker {opts.host}:{opts.port} closed the connection before CONNACK,"
+                     f" to MQTT 5 and to 3.1.1 ({closed})")
+
+
+def _start(client: mqtt.Client, opts: BrokerOptions, timeout: float, session_expiry: int) -> str:
+    """Connect and start paho's thread: "" once the CONNACK came; why, when the connection
+    closed before one (the caller may try another version); FleetError otherwise."""
     done = threading.Event()
     failure: list[str] = []
-    previous = client.on_connect
+    closed: list[str] = []
+    previous, previous_gone = client.on_connect, client.on_disconnect
 
     def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
@@ -120,18 +143,32 @@ def start(client: mqtt.Client, opts: BrokerOptions, *, timeout: float = 10.0,
             previous(c, userdata, flags, reason, props)  # type: ignore[call-arg]
         done.set()
 
-    client.on_connect = on_connect
+    def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if not done.is_set():
+            closed.append(str(reason))
+            done.set()
+
+    client.on_connect, client.on_disconnect = on_connect, on_disconnect
+    properties = None
+    if client.protocol == V5 and session_expiry:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = session_expiry
     try:
-        client.connect(opts.host, opts.port, keepalive=30, clean_start=clean_start,
-                       properties=properties)
+        client.connect(opts.host, opts.port, keepalive=30,
+                       clean_start=not session_expiry if client.protocol == V5
+                       else mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=properties)
     except (OSError, ssl.SSLError) as exc:
         raise FleetError(f"cannot reach broker {opts.host}:{opts.port}: {exc}") from None
     client.loop_start()
-    if not done.wait(timeout) or failure:
+    if not done.wait(timeout) or failure or closed:
         client.loop_stop()
+        client.disconnect()
+        if closed:
+            return closed[0]
         why = failure[0] if failure else f"no CONNACK within {timeout:g} s"
         raise FleetError(f"broker {opts.host}:{opts.port} refused the connection: {why}")
-    client.on_connect = previous
+    client.on_connect, client.on_disconnect = previous, previous_gone
+    return ""
 
 
 def stop(client: mqtt.Client) -> None:

@@ -1,9 +1,13 @@
 """``fleet watch``: the fleet as a table, from retained ``status`` and ``state`` and the
 ``usage`` reports as they come.
 
-Columns: device, online, SIM state, activation deadline countdown, suspension, usage against
-plan, last seen. The ``state`` shape grows with the agent, so it is read defensively: the SIM
-summary is the first of ``sims[0]``, ``lifecycle``, ``sim`` that is an object with a ``state``.
+Columns: device, online, SIM state (``decommissioned`` once the state says so), activation
+deadline countdown, suspension, usage against plan, last seen. The ``state`` shape grows with
+the agent, so it is read defensively: the SIM summary is the first of ``sims[0]``,
+``lifecycle``, ``sim`` that is an object with a ``state``. Usage reports are not retained: a
+fresh watcher reads the last one from the state's ``usage``, then each new report. Usage is one
+figure, the billed estimate the plan cap counts, shown against the plan with its share of it
+(:func:`usage_text`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.fleet.mqtt import BrokerOptions, new_client, start, stop
+from agent.fleet.mqtt import BrokerOptions, connect, stop
 from agent.telemetry.batch import BatchError, decode_batch
 
 COLUMNS = ("DEVICE", "ONLINE", "SIM", "DEADLINE", "SUSPENDED", "USAGE", "LAST SEEN")
@@ -30,6 +34,7 @@ class Device:
     sim: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
     last_seen: float | None = None
+    decommissioned: bool = False
 
 
 def _sim(state: Any) -> dict[str, Any] | None:
@@ -60,6 +65,27 @@ def _bytes(n: float) -> str:
     return f"{n:.1f}TB"
 
 
+def usage_text(used: float, plan: float | None) -> str:
+    """``1.2MB/1.0MB (120%)``: bytes used against the plan, the share from the same two
+    figures; ``1.2MB`` without a plan."""
+    if not plan:
+        return _bytes(used)
+    return f"{_bytes(used)}/{_bytes(plan)} ({used / plan:.0%})"
+
+
+def _usage_cell(report: dict[str, Any] | None) -> str:
+    """A ``usage`` report's billed estimate (bytes up and down from an agent without one)
+    against its plan."""
+    if not report:
+        return "-"
+    used = report.get("billed_estimate")
+    if not isinstance(used, int | float):
+        used = sum(v for v in (report.get("bytes_up"), report.get("bytes_down"))
+                   if isinstance(v, int | float))
+    plan = report.get("plan_bytes")
+    return usage_text(used, plan if isinstance(plan, int | float) else None)
+
+
 def row(dev: Device, now: float) -> tuple[str, ...]:
     sim = dev.sim or {}
     deadline = sim.get("deadline")
@@ -67,16 +93,10 @@ def row(dev: Device, now: float) -> tuple[str, ...]:
                  else _duration(deadline - now))
     susp = sim.get("suspension")
     suspended = susp.get("scope", "yes") if isinstance(susp, dict) else "-"
-    usage = "-"
-    if dev.usage:
-        used = int(dev.usage.get("bytes_up", 0)) + int(dev.usage.get("bytes_down", 0))
-        plan, share = dev.usage.get("plan_bytes"), dev.usage.get("share_used")
-        usage = _bytes(used) + (f"/{_bytes(plan)} ({share:.0%})"
-                                if plan and isinstance(share, int | float) else "")
     seen = "-" if dev.last_seen is None else _duration(now - dev.last_seen) + " ago"
-    state = sim.get("state")
+    state = "decommissioned" if dev.decommissioned else sim.get("state")
     return (dev.name, dev.online, "-" if state is None else str(state), countdown,
-            str(suspended), usage, seen)
+            str(suspended), _usage_cell(dev.usage), seen)
 
 
 def render(devices: Iterable[Device], now: float | None = None) -> str:
@@ -90,23 +110,30 @@ def render(devices: Iterable[Device], now: float | None = None) -> str:
 class Watcher:
     """Keeps :attr:`devices` up to date from the broker (paho's thread; read under ``lock``)."""
 
-    def __init__(self, opts: BrokerOptions, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, opts: BrokerOptions, *, devices: Iterable[str] = (),
+                 clock: Callable[[], float] = time.time) -> None:
         self.opts = opts
+        self._named = tuple(devices)  # subscribed by exact topic: RabbitMQ 3.x serves retained
+        # messages only so; none named: every device, by wildcard
         self.devices: dict[str, Device] = {}
         self.lock = threading.Lock()
         self.last_message = time.monotonic()
         self.subscribed = threading.Event()
         self._clock = clock
-        self._client = new_client(opts)
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = lambda *_a: self.subscribed.set()
+        self._client: mqtt.Client | None = None
+
+    def _attach(self, client: mqtt.Client) -> None:
+        client.on_message = self._on_message
+        client.on_subscribe = lambda *_a: self.subscribed.set()
 
     def start(self) -> None:
-        start(self._client, self.opts)
-        self._client.subscribe([(self.opts.topic("+", t), 1) for t in ("status", "state", "usage")])
+        self._client = connect(self.opts, self._attach)
+        self._client.subscribe([(self.opts.topic(d, t), 1) for d in self._named or ("+",)
+                                for t in ("status", "state", "usage")])
 
     def stop(self) -> None:
-        stop(self._client)
+        if self._client is not None:
+            stop(self._client)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         parts = msg.topic.split("/")
@@ -125,7 +152,11 @@ class Watcher:
                 except ValueError:
                     return
                 dev.sim = _sim(state) or dev.sim
-                ts = state.get("ts") if isinstance(state, dict) else None
+                state = state if isinstance(state, dict) else {}
+                dev.decommissioned = isinstance(state.get("decommissioned"), dict)
+                if isinstance(usage := state.get("usage"), dict):
+                    dev.usage = usage
+                ts = state.get("ts")
                 dev.last_seen = float(ts) if isinstance(ts, int | float) else self._clock()
             elif kind == "usage":
                 self._usage(dev, payload)
@@ -135,10 +166,11 @@ class Watcher:
             readings = decode_batch(payload)["readings"]
         except BatchError:
             return
-        for reading in readings:
-            data = reading.get("data")
-            if isinstance(data, dict) and "bytes_up" in data:
-                dev.usage = data
+        reports = [r.get("data") for r in readings]
+        reports = [d for d in reports if isinstance(d, dict) and "bytes_up" in d]
+        current = (dev.sim or {}).get("iccid")  # a batch may hold an old SIM's report too
+        dev.usage = next((d for d in reversed(reports) if d.get("iccid") == current),
+                         reports[-1] if reports else dev.usage)
         dev.last_seen = self._clock()
 
     def snapshot(self) -> str:
@@ -146,12 +178,17 @@ class Watcher:
             return render(list(self.devices.values()), self._clock())
 
     def settle(self, quiet: float = 0.3, limit: float = 5.0) -> None:
-        """Wait for the retained messages: until ``quiet`` seconds pass without one."""
+        """Wait for the retained messages: until each named device's status and state came
+        (a device never seen may have none: ``limit``), or with none named until ``quiet``
+        seconds pass without one."""
         end = time.monotonic() + limit
         self.subscribed.wait(limit)
         while time.monotonic() < end:
             with self.lock:
                 idle = time.monotonic() - self.last_message
-            if idle >= quiet:
+                known = [self.devices.get(d) for d in self._named]
+            if self._named and all(d and d.online != "?" and d.last_seen for d in known):
                 return
-            time.sleep(min(quiet - idle, 0.05) + 0.01)
+            if not self._named and idle >= quiet:
+                return
+            time.sleep(0.05 if self._named else min(quiet - idle, 0.05) + 0.01)

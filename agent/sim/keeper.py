@@ -15,11 +15,14 @@ change the lifecycle and wake it, so nothing races on the modem. Each round:
    (:class:`agent.sim.network_watch.NetworkWatch`, :mod:`agent.sim.probation`).
 
 Between rounds it pauses (:class:`agent.sim.shared.Wake`): orders and an attach end any pause;
-resets and URCs end only the idle one, never the backoff between activation attempts.
+resets and URCs end only the idle one, never the backoff between activation attempts. A
+registration URC (``+CEREG`` and kin, reject fields or not) or a time URC starts a round at once
+(a network reject suspends within seconds, not at the poll; a storm of them is throttled:
+:meth:`agent.sim.network_watch.NetworkWatch.look_again`).
 
 The channel's hang listener counts one malfunction signal per hang episode, its reset listener
 one per spontaneous reset (resets the agent asked for are not malfunctions); a malfunction is
-reported, and the radio stays on.
+reported, and the radio stays on. Every reset of the keeper's modem is a ``modem-reset`` event.
 
 One owner runs it: :meth:`run` ends only when its task is cancelled (the daemon's supervisor
 does that; nothing else stops a supervised keeper). :meth:`start` / :meth:`stop` are that owner
@@ -52,7 +55,7 @@ from agent.core.trusted_time import TrustedClock, load_anchor, save_anchor
 from agent.sim.activation import Activator, Probe, default_probe
 from agent.sim.activation_loop import ActivationLoop
 from agent.sim.conformance import ConformanceError, Format
-from agent.sim.lifecycle import LifecycleError, LifecycleRepository, Scope
+from agent.sim.lifecycle import LifecycleError, LifecycleRepository, Readings, Scope
 from agent.sim.network_watch import NetworkWatch
 from agent.sim.notes import KeeperStore
 from agent.sim.rejects import Backoff
@@ -71,6 +74,7 @@ __all__ = ["KeeperChannel", "KeeperError", "SimKeeper", "default_probe"]
 log = logging.getLogger(__name__)
 
 SUMMARY_MAX_AGE = 10.0  # seconds a summary read from the store is shown without a change
+ORDER_WAIT = 30.0  # seconds an order waits for the SIM to be read (after a start)
 
 _TIME_URCS = ("+CTZV", "+CTZE", "+QLTS", "+NITZ", "+CTZEU")
 _REG_URCS = ("+CREG", "+CGREG", "+CEREG", "+C5GREG", "+CGEV")
@@ -271,7 +275,9 @@ class SimKeeper:
         reset nobody asked for is a malfunction signal: not the channel's recovery of a hang
         (the hang was counted), not the ``reset-modem`` order."""
         self._sim.setup_needed = True
-        if not isinstance(reason, Reset) or reason.spontaneous:
+        cause = reason.cause if isinstance(reason, Reset) else "spontaneous"
+        self._emit("modem-reset", iccid=self.iccid, reason=str(reason), cause=cause)
+        if cause == "spontaneous":
             self._malfunction_signal(f"modem reset ({reason})")
         self._wake.interrupt()
 
@@ -286,19 +292,27 @@ class SimKeeper:
 
     def _on_urc(self, urc: Urc) -> None:
         prefix = urc.prefix
-        want = self._sim.want
         if prefix == "+CPIN":
             self._wake.interrupt()  # a SIM inserted, removed or swapped: look again
         elif prefix in _TIME_URCS:
             self._sim.next_time_sync = 0.0
-            self._wake.poke()
-        elif prefix in _REG_URCS and want is not None and want.data_down:
-            self._wake.poke()  # a re-attach may have brought a context back up
+            self._network.look_again()
+        elif prefix in _REG_URCS:  # registered, searching, denied (with its cause)
+            self._network.look_again()
 
     # -- orders (the commands module calls these; each raises KeeperError or LifecycleError) --
 
-    def suspend(self, scope: Scope, until: float | None = None, reason: str = "") -> None:
-        self._sim.current().suspend(scope, until, reason)
+    async def sim_known(self, timeout: float = ORDER_WAIT) -> None:
+        """Return once the SIM in the modem is known, or after ``timeout`` seconds: an order
+        that was waiting at the broker arrives with the connection, before the first round has
+        read the SIM (the order then fails, saying so, if it still is not known)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._sim.known.wait()
+
+    def suspend(self, scope: Scope, until: float | None = None, reason: str = "",
+                readings: Readings = "keep") -> None:
+        self._sim.current().suspend(scope, until, reason, readings=readings)
         self._kick()
 
     def resume(self, reason: str = "order") -> None:
@@ -365,13 +379,13 @@ class SimKeeper:
 
     def telemetry_allowed(self) -> bool:
         """Readings may go up (not during a listening window: that is for orders only)."""
-        lc = self._sim.lc
+        lc = self._sim.lc or self._sim.last_seen
         if self._sim.listening:
             return False
         return lc is None or telemetry_allowed(lc.state, lc.suspension)
 
     def accepting(self) -> str | None:
-        lc = self._sim.lc
+        lc = self._sim.lc or self._sim.last_seen
         return None if lc is None else ingest_refusal(lc.state, lc.suspension)
 
     def summary(self, iccid: str | None = None) -> dict[str, Any] | None:

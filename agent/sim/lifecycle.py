@@ -40,6 +40,7 @@ Event = Literal[
 ]
 Scope = Literal["telemetry", "data", "radio"]
 SuspensionSource = Literal["operator", "network"]
+Readings = Literal["keep", "refuse"]  # what a suspension does to local apps' readings
 
 STATES: tuple[State, ...] = get_args(State)
 EVENTS: tuple[Event, ...] = get_args(Event)
@@ -98,6 +99,7 @@ class Suspension:
     until: float | None = None
     reason: str = ""
     since: float | None = None
+    readings: Readings = "keep"  # "refuse": the order asked the ingest socket to refuse them
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +129,8 @@ class SimRecord:
         if (record.state not in STATES or not isinstance(record.iccid, str)
                 or any(t is not None and not isinstance(t, int | float) for t in times)
                 or (susp is not None and (susp.scope not in SCOPES
-                                          or susp.source not in get_args(SuspensionSource)))):
+                                          or susp.source not in get_args(SuspensionSource)
+                                          or susp.readings not in get_args(Readings)))):
             raise LifecycleError(f"unreadable lifecycle record: {text[:200]!r}")
         return record
 
@@ -210,24 +213,25 @@ class Lifecycle:
         self.tick()
 
     def suspend(self, scope: Scope, until: float | None = None, reason: str = "",
-                source: SuspensionSource = "operator") -> None:
+                source: SuspensionSource = "operator", readings: Readings = "keep") -> None:
         """An operator order (``source="operator"``) or a network barring (``"network"``).
         A new operator order replaces the current suspension; a network barring while an
-        operator order holds keeps the order and only widens its scope."""
+        operator order holds keeps the order and only widens its scope. ``readings``: local
+        apps' readings are kept (and go up after the resume) or, at the order's word, refused."""
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         _finite(until, "until")
         now = self._clock()
         if until is not None and now.lower_bound >= until:
             raise ValueError(f"SIM {self.iccid}: suspension end {until} has already passed")
-        new = Suspension(scope, source, until, reason, now.ts)
+        new = Suspension(scope, source, until, reason, now.ts, readings)
         held = self.suspension
         if source == "network" and held is not None:
             new = (replace(new, since=held.since) if held.source == "network"
                    else replace(held, scope=max(held.scope, scope, key=SCOPES.index)))
         event: Event = "suspend" if source == "operator" else "network-reject"
         self._fire(event, {"scope": new.scope, "source": new.source, "until": new.until,
-                           "reason": reason}, suspension=new)
+                           "reason": reason, "readings": new.readings}, suspension=new)
 
     def resume(self, reason: str = "order") -> None:
         """Lift any suspension (operator order, or its ``until`` passing)."""

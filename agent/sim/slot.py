@@ -13,6 +13,7 @@ conformance policy is on during rare listening windows (:mod:`agent.sim.probatio
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -56,6 +57,10 @@ class SimSlot:
         self._manifest: dict[str, SimEntry] = {}
         self.modem: Modem | None = None  # None while no modem is attached
         self.lc: Lifecycle | None = None  # None until an ICCID was read
+        # Until then, the SIM last seen in the slot: its suspension holds across a restart
+        # (readings stay in the outbox until the modem says which SIM is there).
+        known = notes.get(f"iccid.{slot}")
+        self.last_seen = self.open(canonical_iccid(known)) if isinstance(known, str) else None
         self.setup_needed = True
         self.next_time_sync = 0.0
         self._identity: Identity | None = None
@@ -67,6 +72,7 @@ class SimSlot:
         self._nm_tried: NmMode | None = None
         self.next_delay: float | None = None  # the last backoff delay chosen
         self.retired = False  # decommissioned: radio off whatever SIM is in the slot
+        self.known = asyncio.Event()  # set once a SIM has been read in the slot
         self.probation = Probation(cfg.probation_interval, cfg.probation_window, mono=mono)
         self.listening = False  # a listening window is open: the held radio is on
 
@@ -192,6 +198,7 @@ class SimSlot:
         if known != iccid:
             self.notes.put(f"iccid.{self._slot}", iccid)
         self.lc = new
+        self.known.set()
 
     def judge(self) -> None:
         self._verdict = verdict = self.guard.verdict(self._identity, self.mcc)

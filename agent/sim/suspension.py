@@ -87,11 +87,12 @@ def telemetry_allowed(state: State | None, suspension: Suspension | None) -> boo
 
 
 def ingest_refusal(state: State | None, suspension: Suspension | None) -> str | None:
-    """Why local apps' readings are refused, None when accepted. Only an operator order (or a
-    decommission) refuses them; under a network barring they wait in the outbox."""
+    """Why local apps' readings are refused, None when accepted. A suspension keeps them (they
+    wait in the outbox and go up after the resume) unless its order said ``"readings":
+    "refuse"``; a decommissioned gateway refuses them (DESIGN.md, "Suspension and readings")."""
     if state == "terminated":
         return "decommissioned: this gateway's SIM was returned; readings are not accepted"
-    if state == "suspended" and suspension is not None and suspension.source == "operator":
+    if state == "suspended" and suspension is not None and suspension.readings == "refuse":
         until = f" until {suspension.until:.0f}" if suspension.until is not None else ""
         return f"suspended by operator order ({suspension.scope}){until}; readings are refused"
     return None

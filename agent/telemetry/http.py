@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import http.client
 import logging
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -32,6 +33,7 @@ from agent.telemetry.drain import (
     UplinkStats,
 )
 from agent.telemetry.outbox import Reading
+from agent.telemetry.tls import describe
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,11 @@ class HttpUplink:
         self._drainer: Drainer | None = None
         self._task: asyncio.Task[None] | None = None
         self.parts: tuple[str, ...] = ()  # names of the parts given to spawn()
+        self.last_status: int | None = None  # the last POST's HTTP status
+        self._telemetry_allowed = True
+        self.failing = False  # the last POST failed (no answer, or not 2xx)
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
 
     @property
     def stats(self) -> UplinkStats:
@@ -92,6 +99,7 @@ class HttpUplink:
             compress=self._compress,
             allow=self._allow,
         )
+        self._drainer.set_telemetry_allowed(self._telemetry_allowed)
         if spawn is None:
             self._task = asyncio.create_task(self._drainer.run())
         else:
@@ -106,6 +114,7 @@ class HttpUplink:
         self._close()
 
     def set_telemetry_allowed(self, allowed: bool) -> None:
+        self._telemetry_allowed = allowed  # before start(): from the first batch
         if self._drainer:
             self._drainer.set_telemetry_allowed(allowed)
 
@@ -128,11 +137,18 @@ class HttpUplink:
             status = await loop.run_in_executor(None, self._request, batch.payload, kind)
         except (OSError, http.client.HTTPException) as exc:
             self._close()
-            raise BatchRejected(f"POST {self._url.geturl()}: {exc or type(exc).__name__}") from exc
+            raise self._failed(describe(exc)) from exc
+        self.last_status = status
         if not 200 <= status < 300:
-            raise BatchRejected(f"POST {self._url.geturl()}: HTTP {status}")
+            raise self._failed(f"HTTP {status}")
+        self.failing = False
         if status == 207:
             log.warning("batch %s: a Unified Endpoint destination failed (207)", batch.batch_id)
+
+    def _failed(self, why: str) -> BatchRejected:
+        self.failing = True
+        self.last_error, self.last_error_at = f"POST {self._url.geturl()}: {why}", time.time()
+        return BatchRejected(self.last_error)
 
     def _request(self, body: bytes, content_type: str) -> int:
         """Blocking, in the executor: one POST on the kept-alive connection."""

@@ -7,9 +7,14 @@ same batch ids. ``status`` carries a retained ``online``, and the last will ``of
 ``stop()`` publishes ``offline`` itself, since a clean DISCONNECT discards the will.
 
 Settings are validated by agent.core.config (TLS or allow_plain, beam keepalive 5-1200 s, cert
-with key). Profiles: ``default`` speaks MQTT 5 and falls back to 3.1.1 when the broker refuses the
-protocol version; ``beam`` (SORACOM Beam) speaks 3.1.1 with a clean session, keepalive within
-5-1200 s, and relies on no stored session: it subscribes again on every connection.
+with key). Profiles: ``default`` speaks MQTT 5 and falls back to 3.1.1 when the broker does not
+speak it (agent.telemetry.mqtt_client); ``beam`` (SORACOM Beam) speaks 3.1.1 with a clean
+session, keepalive within 5-1200 s, and relies on no stored session.
+
+The ``default`` profile keeps a session at the broker (``session_expiry`` seconds, MQTT 5; a
+3.1.1 session without clean session under the same client id), so a command published while
+the gateway is away waits there and runs when it is back (the command journal runs each id once,
+and an expired one is answered ``rejected``). It subscribes again on every connection anyway.
 
 Reconnects wait with exponential backoff and full jitter. A connection proves itself with its
 first PUBACK: the backoff then starts again from ``reconnect_min``, so a broker back from a short
@@ -23,13 +28,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
+import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -43,15 +47,18 @@ from agent.telemetry.drain import (
     UplinkSettings,
     UplinkStats,
 )
+from agent.telemetry.mqtt_client import (
+    CONNECT_TIMEOUT,
+    Dialect,
+    LastError,
+    connect,
+    new_client,
+)
 from agent.telemetry.outbox import Reading
 from agent.telemetry.paho import PahoDriver
+from agent.telemetry.tls import describe
 
 log = logging.getLogger(__name__)
-
-# "Unsupported Protocol Version": 0x84 in MQTT 5, 1 in a 3.1.1 CONNACK.
-_BAD_PROTOCOL = (0x84, 1)
-_CONNECT_TIMEOUT = 30.0  # TCP + TLS on a slow cellular link
-
 
 class MqttUplink:
     """One MQTT session for the device: drains the outbox, carries state, results, commands.
@@ -90,12 +97,12 @@ class MqttUplink:
         self._window = window
         self._compress = compress
         self._carry_readings = carry_readings
-        self._protocol = (
-            MQTTProtocolVersion.MQTTv311
-            if settings.profile == "beam"
-            else MQTTProtocolVersion.MQTTv5
-        )
+        self._dialect = Dialect(settings.profile)
+        # A session the broker keeps while we are away, so that commands sent meanwhile wait
+        # for us; SORACOM Beam keeps none (fleet send publishes again instead).
+        self._persistent = settings.profile != "beam" and settings.session_expiry > 0
         self._state: bytes | None = None
+        self._telemetry_allowed = True
         self._unsent: list[tuple[str, bytes]] = []  # results produced while offline
         self._pending: dict[int, asyncio.Future[None]] = {}  # mid -> PUBACK
         self._connected = asyncio.Event()
@@ -106,6 +113,9 @@ class MqttUplink:
         self._tasks: list[asyncio.Task[None]] = []
         self.parts: tuple[str, ...] = ()  # names of the parts given to spawn()
         self.connect_attempts = 0
+        self.last_error: str | None = None  # why the last connection failed or ended, in words
+        self.last_error_at: float | None = None
+        self._paho_errors = LastError()
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -127,7 +137,13 @@ class MqttUplink:
 
     @property
     def protocol(self) -> MQTTProtocolVersion:
-        return self._protocol
+        return self._dialect.version
+
+    @property
+    def speaks(self) -> str:
+        """The MQTT version in use, and whether the broker made us fall back: ``status``."""
+        return f"MQTT {self._dialect.name}" + (" (the broker's only)" if self._dialect.settled
+                                                and self._settings.profile != "beam" else "")
 
     async def start(self, spawn: Spawn | None = None) -> None:
         """Start connecting and draining; returns at once (the link may be down for hours).
@@ -145,6 +161,7 @@ class MqttUplink:
                 compress=self._compress,
                 allow=self._allow,
             )
+            self._drainer.set_telemetry_allowed(self._telemetry_allowed)
             work["mqtt drain"] = self._drainer.run
         if spawn is None:
             self._tasks = [asyncio.create_task(w(), name=n) for n, w in work.items()]
@@ -179,15 +196,17 @@ class MqttUplink:
 
     def set_telemetry_allowed(self, allowed: bool) -> None:
         """False under a ``telemetry`` suspension: readings wait in the outbox; state, events,
-        usage and commands keep flowing."""
+        usage and commands keep flowing. Said before :meth:`start`, it holds from the first
+        batch."""
+        self._telemetry_allowed = allowed
         if self._drainer:
             self._drainer.set_telemetry_allowed(allowed)
 
-    def publish_state(self, state: dict[str, Any]) -> None:
-        """Retained ``state``; the latest one is published again on every connection."""
+    def publish_state(self, state: dict[str, Any]) -> asyncio.Future[None] | None:
+        """Retained ``state``; the latest one is published again on every connection. Its
+        PUBACK's future when it went now, None while offline."""
         self._state = _json(state)
-        if self.ready:
-            self._publish("state", self._state, retain=True)
+        return self._publish("state", self._state, retain=True) if self.ready else None
 
     def publish_result(self, result: dict[str, Any]) -> None:
         """``cmd/result``: ``{"id", "status", "detail"}``; kept in memory while offline."""
@@ -205,25 +224,9 @@ class MqttUplink:
     # -- connection management ------------------------------------------------------------------
 
     def _new_client(self) -> mqtt.Client:
-        s = self._settings
-        v311 = self._protocol is MQTTProtocolVersion.MQTTv311
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=s.client_id or self._device_id,
-            clean_session=True if v311 else None,
-            protocol=self._protocol,
-            reconnect_on_failure=False,  # no blocking reconnect inside paho; we back off
-        )
-        client.connect_timeout = _CONNECT_TIMEOUT
-        client.will_set(self.topic("status"), b"offline", qos=1, retain=True)
-        if s.tls:
-            client.tls_set(
-                ca_certs=_str(s.ca),
-                certfile=_str(s.cert),
-                keyfile=_str(s.key),
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+        client = new_client(self._settings, self._settings.client_id or self._device_id,
+                            self._dialect.version, persistent=self._persistent,
+                            will=self.topic("status"), errors=self._paho_errors.logger)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -233,15 +236,7 @@ class MqttUplink:
     def _blocking_connect(self) -> None:
         """Runs in the connect thread: touches only the client that is not yet on the loop."""
         assert self._driver is not None
-        s = self._settings
-        client = self._driver.client
-        if s.username:
-            password = Path(s.password_file).read_text().strip() if s.password_file else None
-            client.username_pw_set(s.username, password)
-        if self._protocol is MQTTProtocolVersion.MQTTv5:
-            client.connect(s.host, s.port, s.keepalive, clean_start=True)
-        else:
-            client.connect(s.host, s.port, s.keepalive)
+        connect(self._driver.client, self._settings, persistent=self._persistent)
 
     async def _connect_loop(self) -> None:
         async def attempt() -> None:
@@ -254,33 +249,36 @@ class MqttUplink:
         assert self._driver is not None
         loop = asyncio.get_running_loop()
         self.connect_attempts += 1
+        self._paho_errors.message = None
         self._connack = loop.create_future()
         self._lost = loop.create_future()
         try:
             await self._driver.connect(self._blocking_connect)
-            async with asyncio.timeout(_CONNECT_TIMEOUT):  # not wait_for: see agent.core.tasks
+            async with asyncio.timeout(CONNECT_TIMEOUT):  # not wait_for: see agent.core.tasks
                 reason = await asyncio.shield(self._connack)
         except OSError as exc:  # refused, unreachable, TLS handshake, no CONNACK in time
-            log.warning(
-                "MQTT connect to %s:%s failed: %s",
-                self._settings.host,
-                self._settings.port,
-                exc or type(exc).__name__,
-            )
+            self._failed(f"connect to {self._settings.host}:{self._settings.port} with MQTT "
+                         f"{self._dialect.name} failed: {describe(exc)}")
             if not self._connack.cancel():  # already failed by on_disconnect: mark it seen
                 self._connack.exception()
             self._driver.client.disconnect()  # closes a socket left open; harmless otherwise
+            if isinstance(exc, _ClosedEarly) and self._dialect.closed(str(exc)):
+                await self._new_driver()
             return False
         if reason.value == 0:  # a 3.1.1-style refusal seen by an MQTT 5 client is not >= 0x80
+            self._dialect.connected()
             return True
-        log.warning("MQTT broker refused the connection: %s", reason)
-        if reason.value in _BAD_PROTOCOL and self._protocol is MQTTProtocolVersion.MQTTv5:
-            log.info("broker refuses MQTT 5; falling back to 3.1.1")
-            self._protocol = MQTTProtocolVersion.MQTTv311
-            await self._driver.close()
-            self._end_pending(BatchRejected("client replaced for MQTT 3.1.1"))
-            self._driver = PahoDriver(self._new_client())
+        self._failed(f"broker refused the connection: {reason}")
+        if self._dialect.refused(reason):
+            await self._new_driver()
         return False
+
+    async def _new_driver(self) -> None:
+        """A client of the other protocol version for the next attempt."""
+        assert self._driver is not None
+        await self._driver.close()
+        self._end_pending(BatchRejected(f"client replaced for MQTT {self._dialect.name}"))
+        self._driver = PahoDriver(self._new_client())
 
     async def _serve(self) -> None:
         """One connected session: subscribe, announce, flush, then wait for its end."""
@@ -313,6 +311,10 @@ class MqttUplink:
         else:
             self._pending[info.mid] = future  # NO_CONN: paho keeps it for the next connection
         return future
+
+    def _failed(self, error: str) -> None:
+        log.warning("MQTT %s", error)
+        self.last_error, self.last_error_at = error, time.time()
 
     def _end_pending(self, error: BatchRejected | None) -> None:
         """Fail (or, on stop, cancel) every publish still waiting for its PUBACK."""
@@ -348,7 +350,12 @@ class MqttUplink:
     ) -> None:
         log.info("MQTT connection closed: %s", reason)
         if self._connack is not None and not self._connack.done():
-            self._connack.set_exception(ConnectionError(f"closed before CONNACK: {reason}"))
+            why = self._paho_errors.message  # TLS 1.3: the broker's alert comes on a read
+            detail = f"{reason}: {why}" if why else str(reason)
+            self._connack.set_exception(_ClosedEarly(f"closed before CONNACK: {detail}"))
+        elif self._connected.is_set() and reason.is_failure:
+            why = self._paho_errors.message
+            self._failed(describe(f"connection lost: {reason}" + (f": {why}" if why else "")))
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
 
@@ -382,5 +389,5 @@ def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _str(path: object) -> str | None:
-    return None if path is None else str(path)
+class _ClosedEarly(ConnectionError):
+    """The broker (or the network) closed the connection before any CONNACK."""

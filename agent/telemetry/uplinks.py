@@ -8,6 +8,7 @@ decommission stops the uplinks before the daemon does).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -36,17 +37,19 @@ class Uplinks:
         self.mqtt = MqttUplink(cfg.uplink, cfg.device_id, outbox, on_command=on_command,
                                allow=allow, carry_readings=self._http is None)
         self._stopped: float | None = None
+        self._stop_reason: str | None = None
 
     async def start(self) -> None:
         await self.mqtt.start(self._supervisor.spawn)
         if self._http is not None:
             await self._http.start(self._supervisor.spawn)
 
-    async def stop(self) -> None:
-        """End the drains and the connection, then the retained ``offline``; at most once."""
+    async def stop(self, reason: str | None = None) -> None:
+        """End the drains and the connection, then the retained ``offline``; at most once.
+        ``reason``: why it stops while the agent runs on (``decommissioned``), for ``status``."""
         if self._stopped is not None:
             return
-        self._stopped = time.time()
+        self._stopped, self._stop_reason = time.time(), reason
         readings = self._http or self.mqtt
         await self._supervisor.stop(*readings.parts, *self.mqtt.parts)
         if self._http is not None:
@@ -63,8 +66,8 @@ class Uplinks:
     def publish_result(self, result: dict[str, Any]) -> None:
         self.mqtt.publish_result(result)
 
-    def publish_state(self, state: dict[str, Any]) -> None:
-        self.mqtt.publish_state(state)
+    def publish_state(self, state: dict[str, Any]) -> asyncio.Future[None] | None:
+        return self.mqtt.publish_state(state)
 
     @property
     def ready(self) -> bool:
@@ -75,11 +78,24 @@ class Uplinks:
         """The ``uplink`` object of ``status``."""
         stats = self.stats
         connected = self.mqtt.ready and self._stopped is None
+        http = self._http
+        failing = http is not None and http.failing
+        state = ("stopped" if self._stopped else "failing" if failing
+                 else "connected" if connected else "connecting")
+        errors = [(at, error) for at, error in (
+            (self.mqtt.last_error_at, self.mqtt.last_error),
+            (http and http.last_error_at, http and http.last_error)) if at and error]
+        last_at, last_error = max(errors) if errors else (None, None)
         return {
             "kind": self._kind,
             "connected": connected,
-            "state": "stopped" if self._stopped else "connected" if connected else "connecting",
+            "state": state,
+            "stop_reason": self._stop_reason,  # stopped on purpose: why (decommissioned)
             "connect_attempts": self.mqtt.connect_attempts,
+            "protocol": self.mqtt.speaks,  # e.g. "MQTT 3.1.1 (the broker's only)"
             "readings_sent": stats.readings,
             "batches_sent": stats.batches,
+            "last_error": last_error,  # why the last connection or POST failed, in words
+            "last_error_at": last_at,
+            **({"http_status": http.last_status} if http else {}),  # the last POST's answer
         }
