@@ -24,13 +24,16 @@ mosquitto:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients; }
 
 # The packaging tests run lintian on the built .deb and node on the polkit rule; the signing
-# tests sign with node, and with jq and openssl from the shell.
+# tests sign with node, and with jq and openssl from the shell; the dashboard's test drives a
+# headless Chromium through chromedriver.
 packaging-tools:
 	@missing=; \
 	command -v lintian >/dev/null 2>&1 || missing="$$missing lintian"; \
 	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
 	command -v jq >/dev/null 2>&1 || missing="$$missing jq"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	test -z "$$missing" || { \
 	  echo "installing$$missing with apt-get"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

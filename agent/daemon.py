@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.commands import diagnosis_host
+from agent.commands.at_console import AtConsole
 from agent.commands.handlers import handlers
 from agent.commands.inbox import CommandInbox
+from agent.commands.metrics import CountingProcessor, Metrics
 from agent.commands.processor import CommandProcessor, Result
 from agent.commands.sms import SmsCommands
 from agent.core import runtime
@@ -67,6 +70,7 @@ class Parts:
     reporter: StateReporter
     decommissioner: decommission.Decommissioner
     ingest: IngestServer
+    metrics: Metrics
 
     def snapshot(self) -> Snapshot:
         """What ``status`` and the retained ``state`` show, from memory."""
@@ -82,17 +86,21 @@ class Parts:
 class _SlotHooks:
     """What rides on the modem that carries the SIM (agent.modem.session.SessionHooks)."""
 
-    def __init__(self, keeper: SimKeeper, sms: SmsCommands, supervisor: Supervisor) -> None:
+    def __init__(self, keeper: SimKeeper, sms: SmsCommands, supervisor: Supervisor,
+                 console: AtConsole) -> None:
         self._keeper = keeper
         self._sms = sms
         self._supervisor = supervisor
+        self._console = console
 
     def attached(self, channel: AtChannel, profile: Profile) -> None:
         self._keeper.attach(channel, profile)
+        self._console.attach(channel)
         self._supervisor.spawn("sms commands", lambda: self._sms.serve(channel))
 
     def detached(self) -> None:
         self._keeper.detach()
+        self._console.detach()
         self._supervisor.cancel("sms commands")
 
 
@@ -126,6 +134,8 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
 
     keeper = SimKeeper.from_config(cfg, store, events.emit, clock=clock,
                                    on_change=gates_changed)
+    at_console = AtConsole(cfg.commands.at_allow, keeper, emit=events.emit,
+                           decommissioned=lambda: decommissioner.active)
 
     def publish_result(result: Result) -> None:
         uplinks.publish_result(result)
@@ -137,18 +147,20 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
     async def observe(iccid: str, source: str, counters: Counters, epoch: str) -> None:
         await store.run(lambda: usage.observe(iccid, source, counters, epoch=epoch))
 
-    commands = CommandProcessor(
+    commands = CountingProcessor(
         store, cfg.device_id, _operator_keys(cfg), clock,
         handlers(keeper, usage, store, state=lambda: parts.reporter.state(),
                  reset_modem=lambda: modems.reset_slot_modem(),
-                 decommission=lambda: decommissioner.begin()),
+                 decommission=lambda: decommissioner.begin(), at_console=at_console,
+                 diagnose=lambda: diagnosis_host.live(cfg, parts, config_path)),
     )
     inbox = CommandInbox(commands, publish_result)
     uplinks = Uplinks(cfg, outbox, supervisor, on_command=inbox.put, allow=allow)
     sms = SmsCommands(commands, publish=uplinks.publish_result,
                       mqtt_ready=lambda: uplinks.ready, emit=events.emit)
     health = HealthReporter(outbox, lambda: modems.summaries(), interval=cfg.health.interval)
-    modems = ModemPorts(cfg.modem, supervisor, hooks=_SlotHooks(keeper, sms, supervisor),
+    modems = ModemPorts(cfg.modem, supervisor,
+                        hooks=_SlotHooks(keeper, sms, supervisor, at_console),
                         observe=observe, on_change=changed.set, on_ready=health.kick)
     decommissioner = decommission.Decommissioner(decommission.Plant(
         cfg=cfg, config_path=config_path, store=store, outbox=outbox, events=events,
@@ -164,8 +176,11 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
         client_timeout=cfg.ingest.client_timeout,
         gates=(usage.accepting, keeper.accepting, decommissioner.accepting),
     )
+    metrics = Metrics(cfg.metrics, cfg.device_id, snapshot=lambda: parts.snapshot(),
+                      usage=lambda: parts.usage_reports(), outbox=outbox,
+                      results=commands.results)
     parts = Parts(supervisor, store, outbox, events, usage, clock, keeper, commands, inbox, sms,
-                  uplinks, modems, health, reporter, decommissioner, ingest)
+                  uplinks, modems, health, reporter, decommissioner, ingest, metrics)
     gates_changed()  # a suspension from before a restart holds from the first batch on
     return parts
 
@@ -231,6 +246,8 @@ class Daemon:
         sup.spawn("health", p.health.run)
         sup.spawn("state", p.reporter.run)
         sup.spawn("usage report", self._report_usage)
+        for name, part in p.metrics.parts().items():
+            sup.spawn(name, part)
         if (interval := self.notifier.watchdog_interval) is not None:
             sup.spawn("watchdog", lambda: self._watchdog(interval))
         await p.ingest.start()

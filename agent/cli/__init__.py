@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "publish": ("agent.cli.publish", "hand a reading to the running agent"),
     "run": ("agent.cli.run", "the daemon (systemd Type=notify)"),
     "status": ("agent.cli.status", "the running agent's state"),
+    "doctor": ("agent.cli.doctor", "what is wrong with this gateway, and what to do"),
     "wipe-identity": ("agent.cli.wipe", "root: wipe a decommissioned gateway's identity keys"),
     "provision": ("agent.cli.provision", "factory: CA, device identities, bundles, batches"),
     "fleet": ("agent.cli.fleet", "operator: sign and send commands, watch devices"),

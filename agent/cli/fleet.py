@@ -4,12 +4,16 @@ telemetry to SORACOM Flux.
     fleet keygen --out DIR                         DIR/operator.key (0600) and operator.pub
     fleet send DEVICE NAME [--arg k=v ...]         sign, publish on cmd, print the cmd/result
     fleet send --all FILE NAME [--arg k=v ...]     the same for every device listed in FILE
+    fleet at DEVICE COMMAND                        one AT command on the device's modem
     fleet watch [--once]                           the fleet as a table
+    fleet dashboard [--listen HOST:PORT]           the fleet as a web page
     fleet flux-bridge --webhook URL                telemetry -> Flux incoming webhook
     fleet simulate N [--broker H:P] [--report]     N agents with simulated modems, this process
 
 ``send`` exits 1 when any device refused, failed or did not answer within ``--timeout``, and 3
 when the only devices without an answer were offline, their commands held by the broker.
+``at`` prints the modem's lines and final result: exit 0 for ``OK``, 1 for an error result, a
+refusal or no answer (one line on stderr), 3 when the device is offline (as ``send``).
 """
 
 from __future__ import annotations
@@ -41,20 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="command: suspend, resume, get-state, ...")
     p.add_argument("--arg", action="append", default=[], metavar="K=V",
                    help="argument (V as JSON when it parses, @FILE for a file's text)")
-    p.add_argument("--key", type=Path, default=Path(os.environ.get(
-        "SIMKEEPER_OPERATOR_KEY", "operator.key")), help="operator private key (PEM; default:"
-        " $SIMKEEPER_OPERATOR_KEY, else operator.key)")
     p.add_argument("--all", type=Path, metavar="FILE", help="device ids, one a line")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
-                   help="how long to wait for each device's result (default 30)")
-    p.add_argument("--ttl", type=int, default=300, metavar="S",
-                   help="how long the command stays valid, seconds (default 300); a device away"
-                        " longer refuses it as expired")
-    p.add_argument("--profile", choices=("default", "beam"), default="default",
-                   help="the devices' [uplink] profile (default: default). default: the broker"
-                        " keeps a command for a device that is offline, and send does not wait"
-                        " for it (exit 3); beam (no session kept): send publishes the command"
-                        " again, with backoff, until answered, expired or --timeout")
+    _add_sending_arguments(p)
+    add_broker_arguments(p)
+
+    p = sub.add_parser("at", help="run one AT command on a device's modem, through its agent;"
+                       " print the modem's lines and final result")
+    p.add_argument("device", metavar="DEVICE", help="device id")
+    p.add_argument("line", metavar="COMMAND", help="one AT command line, e.g. 'AT+CSQ'; the"
+                   " device runs only what its [commands] at_allow lists")
+    _add_sending_arguments(p)
     add_broker_arguments(p)
 
     p = sub.add_parser("watch", help="the fleet from retained status and state: a live table")
@@ -67,6 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="watch the devices listed in FILE, one id a line")
     p.add_argument("--interval", type=float, default=2.0, metavar="S",
                    help="how often the table is redrawn (default 2)")
+    add_broker_arguments(p)
+
+    from agent.fleet.dashboard import parse_listen
+
+    p = sub.add_parser("dashboard", help="the fleet as a web page, most urgent first, live")
+    p.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8080),
+                   metavar="HOST:PORT", help="where the page is served (default 127.0.0.1:8080;"
+                   " port 0: any free port)")
     add_broker_arguments(p)
 
     p = sub.add_parser("flux-bridge", help="telemetry to a SORACOM Flux incoming webhook")
@@ -104,6 +112,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="length of the steady phase measured (default 20)")
     p.add_argument("--down", type=float, default=2.0, metavar="S",
                    help="how long the killed broker stays down (default 2)")
+
+
+def _add_sending_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a signed command's trip: ``send`` and ``at``."""
+    p.add_argument("--key", type=Path, default=Path(os.environ.get(
+        "SIMKEEPER_OPERATOR_KEY", "operator.key")), help="operator private key (PEM; default:"
+        " $SIMKEEPER_OPERATOR_KEY, else operator.key)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="how long to wait for each device's result (default 30)")
+    p.add_argument("--ttl", type=int, default=300, metavar="S",
+                   help="how long the command stays valid, seconds (default 300); a device away"
+                        " longer refuses it as expired")
+    p.add_argument("--profile", choices=("default", "beam"), default="default",
+                   help="the devices' [uplink] profile (default: default). default: the broker"
+                        " keeps a command for a device that is offline, and it is not waited"
+                        " for (exit 3); beam (no session kept): the command is published"
+                        " again, with backoff, until answered, expired or --timeout")
 
 
 def _devices(args: argparse.Namespace) -> list[str]:
@@ -152,6 +177,33 @@ def _send(args: argparse.Namespace) -> int:
     return 0 if not failed else 3 if all(o.queued for o in failed) else 1
 
 
+def _at(args: argparse.Namespace) -> int:
+    from agent.commands.args import ArgError, validate
+    from agent.fleet.send import send
+    from provisioning.keys import load_ed25519_private
+
+    try:
+        cmd_args = validate("at", {"command": args.line})
+    except ArgError as exc:
+        raise UsageError(str(exc)) from None
+    key = load_ed25519_private(args.key, "operator key")
+    (outcome,) = send(options_from(args), key, [args.device], "at", cmd_args,
+                      timeout=args.timeout, ttl=args.ttl, profile=args.profile,
+                      say=lambda line: print(line, file=sys.stderr, flush=True))
+    res = outcome.result
+    if res is None and outcome.queued:
+        print(outcome.line(), flush=True)
+        return 3
+    if res is None:
+        raise CliError(1, f"{args.device}: no result within {args.timeout:g} s (--timeout)")
+    answer = res.get("detail")
+    if res.get("status") != "ok" or not isinstance(answer, dict):
+        raise CliError(1, f"{args.device}: {res.get('status')}: {answer}")
+    for line in [*answer.get("lines", []), answer.get("final")]:  # from the broker: no escapes
+        print("".join(c if c.isprintable() else "?" for c in str(line)), flush=True)
+    return 0 if answer.get("final") == "OK" else 1
+
+
 def _watch(args: argparse.Namespace) -> int:
     from agent.fleet.watch import Watcher
 
@@ -168,6 +220,13 @@ def _watch(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
     finally:
         watcher.stop()
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from agent.fleet.dashboard import serve
+
+    serve(options_from(args), args.listen, say=lambda line: print(line, flush=True))
+    return 0
 
 
 def _bridge(args: argparse.Namespace) -> int:
@@ -208,8 +267,8 @@ def _simulate(args: argparse.Namespace) -> int:
         wave=args.wave, sample=args.sample, steady=args.steady, down=args.down))
 
 
-_ACTIONS = {"keygen": _keygen, "send": _send, "watch": _watch, "flux-bridge": _bridge,
-            "simulate": _simulate}
+_ACTIONS = {"keygen": _keygen, "send": _send, "at": _at, "watch": _watch, "flux-bridge": _bridge,
+            "simulate": _simulate, "dashboard": _dashboard}
 
 
 def run(args: argparse.Namespace) -> int:

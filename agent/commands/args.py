@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.core.at_allow import MAX_COMMAND
 from agent.core.signing import MAX_INT, SigningError, load_public_key
 from agent.sim.lifecycle import SCOPES
 
@@ -119,6 +120,10 @@ SCHEMAS: Mapping[str, Mapping[str, tuple[bool, Arg]]] = {
     "clear-malfunction": {},
     "decommission": {},
     "rotate-key": {"public_key": (True, _PEM)},
+    "at": {"command": (True, _text(MAX_COMMAND, r"[ -~]+", f"one AT command line: 1-"
+                                   f"{MAX_COMMAND} printable ASCII characters (no CR, LF or"
+                                   " other control character)"))},
+    "diagnose": {},
 }
 NAMES = frozenset(SCHEMAS)
 

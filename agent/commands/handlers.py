@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from agent.commands.at_console import AtConsole
+from agent.commands.diagnosis import worst
 from agent.commands.processor import Handler
 from agent.core.store import Store
 from agent.sim.conformance import Format
@@ -28,9 +30,12 @@ def handlers(
     state: Callable[[], dict[str, Any]],
     reset_modem: Callable[[], Awaitable[str]],
     decommission: Callable[[], str],
+    at_console: AtConsole,
+    diagnose: Callable[[], Awaitable[list[dict[str, Any]]]],
 ) -> Mapping[str, Handler]:
     """The handlers, over the parts they act on; ``state`` is the retained ``state`` now,
-    ``reset_modem`` resets the modem that carries the SIM, ``decommission`` begins one."""
+    ``reset_modem`` resets the modem that carries the SIM, ``decommission`` begins one,
+    ``diagnose`` runs the diagnosis (agent.commands.diagnosis_host.live)."""
 
     async def suspend(args: dict[str, Any]) -> str:
         await keeper.sim_known()
@@ -84,6 +89,13 @@ def handlers(
     def reset_modem_(_: dict[str, Any]) -> Awaitable[str]:
         return reset_modem()
 
+    async def diagnose_(_: dict[str, Any]) -> dict[str, Any]:
+        checks = await diagnose()
+        return {"status": worst(checks), "checks": checks}
+
+    async def at(args: dict[str, Any]) -> dict[str, Any]:
+        return await at_console.run(args["command"])
+
     return {
         "suspend": suspend,
         "resume": resume,
@@ -96,4 +108,6 @@ def handlers(
         "report-usage": report_usage,
         "get-state": get_state,
         "reset-modem": reset_modem_,
+        "at": at,
+        "diagnose": diagnose_,
     }

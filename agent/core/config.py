@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.core.at_allow import DEFAULT_ALLOW, check_pattern
 from agent.core.checks import (
     Check,
     ConfigError,
@@ -35,6 +36,7 @@ from agent.core.checks import (
     time_zone,
     topic_name,
 )
+from agent.core.metrics_config import MetricsConfig, metrics_table
 from agent.core.readings import PRIORITY_MAX, PRIORITY_MIN
 from agent.core.uplink_config import MIB, UplinkConfig, check_uplink
 
@@ -227,6 +229,10 @@ class HealthConfig:
 @dataclass(frozen=True, slots=True)
 class CommandsConfig:
     operator_key: Path | None = field(default=None, metadata=spec(file_path))
+    # the AT commands `fleet at` may run (agent.core.at_allow): exact, or ending in =*
+    at_allow: tuple[str, ...] = field(
+        default=DEFAULT_ALLOW, metadata=spec(list_of(check_pattern, max_len=256))
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +256,7 @@ class Config:
     conformance: ConformanceConfig = field(
         default_factory=ConformanceConfig, metadata=spec(table(ConformanceConfig))
     )
+    metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata=spec(metrics_table))
 
 
 # -- rules across keys ------------------------------------------------------------------------
