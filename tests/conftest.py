@@ -13,6 +13,7 @@ import pytest
 
 from agent.fleet.localbroker import find_mosquitto
 from tests.broker import Broker, Pki, make_pki
+from tests.test_mosquitto_acl import clients  # noqa: F401 (a fixture: paho clients closed)
 from tests.webhook import webhook  # noqa: F401 (a fixture: the Flux webhook stand-in)
 
 

@@ -34,6 +34,18 @@ ICCID_A, ICCID_B = luhn("898110000581951001"), luhn("898110000581951002")
 IMEI_A = luhn("35693803564380")
 
 
+def provision_cli(capsys: pytest.CaptureFixture[str],
+                  *args: str | Path) -> tuple[int, str, str]:
+    """``simkeeper provision ARGS`` in this process: exit code, stdout, stderr."""
+    capsys.readouterr()
+    try:
+        rc = main(["provision", *map(str, args)])
+    except SystemExit as exc:  # argparse's own usage errors
+        rc = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 @dataclass
 class Factory:
     dir: Path
@@ -46,13 +58,7 @@ class Factory:
     conformance: Path
 
     def cli(self, capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            rc = main(["provision", *map(str, args)])
-        except SystemExit as exc:  # argparse's own usage errors
-            rc = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return rc, out, err
+        return provision_cli(capsys, *args)
 
     def device_args(self, device_id: str = "gw-0001", *extra: str | Path) -> list[str | Path]:
         return ["device", "--device-id", device_id, "--ca", self.ca,

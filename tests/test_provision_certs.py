@@ -44,6 +44,7 @@ from tests.test_mosquitto_acl import (
     _success,
 )
 from tests.test_provision import ROOT, gen_dir
+from tests.test_provision import provision_cli as _run
 
 DEVICES = ("gw-0001", "gw-0002")
 
@@ -94,14 +95,6 @@ def made(mosquitto: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[M
         yield Made(d, d / "ca", fleet, bundles)
     finally:
         broker.stop()
-
-
-@pytest.fixture
-def clients() -> Iterator[list[Client]]:
-    made: list[Client] = []
-    yield made
-    for c in made:
-        c.close()
 
 
 def connect(clients: list[Client], made: Made, name: str) -> Client:
@@ -252,16 +245,6 @@ def test_the_broker_is_known_by_its_subject_alternative_names(
 
 
 # -- the command line --------------------------------------------------------------------------
-
-
-def _run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        rc = main(["provision", *map(str, args)])
-    except SystemExit as exc:  # argparse's own usage errors
-        rc = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.mark.parametrize(("args", "message"), [
