@@ -167,7 +167,7 @@ async def test_the_console_answers_and_refuses_on_a_real_channel(tmp_path: Path)
                                                "final": "OK"}
         assert "AT+CSQ" in r.sim.commands
         assert r.events.of("at-command")[-1] == {"command": "AT+CSQ", "final": "OK",
-                                                 "error": None}
+                                                 "error": None, "by": None}
         r.sim.set_sim(state="absent")  # an error result is the modem's answer, not a failure
         assert await console.run("AT+CIMI") == {"command": "AT+CIMI", "lines": [],
                                                 "final": "+CME ERROR: 10"}
@@ -248,6 +248,13 @@ async def test_fleet_at_end_to_end(tmp_path: Path, broker: Broker) -> None:
             refused = results(answers, hostile["id"])[0]
             assert refused["status"] == "rejected"
             assert refused["detail"].startswith("bad arguments: command must be one AT command")
+            # The event names the signed command that asked.
+            asked = make_envelope(key, DEVICE, "at", {"command": "AT+CGMM"})
+            publish(broker.port, asked)
+            await until(lambda: any(e["by"] == asked["id"] for e in _at_events(events)),
+                        "the event naming its command")
+            assert [e["command"] for e in _at_events(events) if e["by"] == asked["id"]] == [
+                "AT+CGMM"]
             # fleet at itself does not sign one.
             done = await _run(_fleet(broker.port, key_file, "at", DEVICE, "AT+CSQ\nAT+CFUN=0"))
             assert done.returncode == 2 and "printable ASCII" in done.stderr

@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,22 @@ async def test_fleet_send_and_watch(tmp_path: Path, any_broker: Broker) -> None:
         assert watched.returncode == 0, watched.stderr
         line = next((x for x in watched.stdout.splitlines() if x.startswith(DEVICE)), "")
         assert " yes " in f" {line} ", watched.stdout  # online, from the retained status
+        # The dashboard follows named devices the same way (its page's rows, as JSON).
+        page = await asyncio.create_subprocess_exec(
+            *SIMKEEPER, "fleet", "dashboard", "--listen", "127.0.0.1:0", "--device", DEVICE,
+            *broker, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            assert page.stdout is not None
+            url = (await asyncio.wait_for(page.stdout.readline(), WAIT)).decode().split()[3]
+            await until(lambda: _dashboard_rows(url) == [(DEVICE, "online")],
+                        "the dashboard's row for the device, online")
+        finally:
+            page.terminate()
+            await page.wait()
+
+def _dashboard_rows(url: str) -> list[tuple[str, str]]:
+    with urllib.request.urlopen(url + "api/devices", timeout=WAIT) as answer:
+        return [(r["device"], r["online"]) for r in json.load(answer)["rows"]]
 
 
 async def _run(*argv: str) -> subprocess.CompletedProcess[str]:

@@ -86,3 +86,24 @@ def test_the_shell_consumer(broker: Broker, tmp_path: Path) -> None:
     lines = _consume(["sh", "-c", code], tmp_path / "out", broker.port, "events",
                      readings=events, want=want)
     assert lines.count(want[0]) == 2, lines  # the plain batch and the compressed one
+
+
+def _section(title: str) -> str:
+    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
+    assert found, f"no section {title!r} in the README"
+    return found.group(1)
+
+
+def test_the_readme_names_every_command_and_the_emitted_events() -> None:
+    """What an operator reads is what the agent takes and says: every command name of the one
+    schema, and every event kind the agent emits by name, appear in the README's lists."""
+    from agent.commands.args import NAMES
+
+    commands = _section("Commands")
+    assert not [n for n in sorted(NAMES) if f"`{n}`" not in commands]
+    emitted = set()
+    for source in (Path(__file__).resolve().parents[1] / "agent").rglob("*.py"):
+        emitted.update(re.findall(r'emit\(\s*"([a-z-]+)"', source.read_text()))
+    assert "at-command" in emitted  # the scan finds them
+    topics = _section("What each topic carries")
+    assert not [k for k in sorted(emitted) if f"`{k}`" not in topics]

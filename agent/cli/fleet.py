@@ -6,7 +6,7 @@ telemetry to SORACOM Flux.
     fleet send --all FILE NAME [--arg k=v ...]     the same for every device listed in FILE
     fleet at DEVICE COMMAND                        one AT command on the device's modem
     fleet watch [--once]                           the fleet as a table
-    fleet dashboard [--listen HOST:PORT]           the fleet as a web page
+    fleet dashboard [--listen HOST:PORT] [--device ID]  the fleet as a web page
     fleet flux-bridge --webhook URL                telemetry -> Flux incoming webhook
     fleet simulate N [--broker H:P] [--report]     N agents with simulated modems, this process
 
@@ -59,12 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("watch", help="the fleet from retained status and state: a live table")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    p.add_argument("--device", action="append", default=[], metavar="ID",
-                   help="watch this device (repeatable; default: every device). Named devices"
-                        " are subscribed by exact topic, which RabbitMQ 3.x needs to serve"
-                        " their retained state")
-    p.add_argument("--all", type=Path, metavar="FILE",
-                   help="watch the devices listed in FILE, one id a line")
+    _add_watched_arguments(p)
     p.add_argument("--interval", type=float, default=2.0, metavar="S",
                    help="how often the table is redrawn (default 2)")
     add_broker_arguments(p)
@@ -75,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8080),
                    metavar="HOST:PORT", help="where the page is served (default 127.0.0.1:8080;"
                    " port 0: any free port)")
+    _add_watched_arguments(p)
     add_broker_arguments(p)
 
     p = sub.add_parser("flux-bridge", help="telemetry to a SORACOM Flux incoming webhook")
@@ -112,6 +108,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="length of the steady phase measured (default 20)")
     p.add_argument("--down", type=float, default=2.0, metavar="S",
                    help="how long the killed broker stays down (default 2)")
+
+
+def _add_watched_arguments(p: argparse.ArgumentParser) -> None:
+    """Which devices ``watch`` and ``dashboard`` follow."""
+    p.add_argument("--device", action="append", default=[], metavar="ID",
+                   help="follow this device (repeatable; default: every device). Named devices"
+                        " are subscribed by exact topic, which RabbitMQ 3.x needs to serve"
+                        " their retained state")
+    p.add_argument("--all", type=Path, metavar="FILE",
+                   help="follow the devices listed in FILE, one id a line")
+
+
+def _watched(args: argparse.Namespace) -> list[str]:
+    return list(dict.fromkeys([*args.device, *(_listed(args.all) if args.all else [])]))
 
 
 def _add_sending_arguments(p: argparse.ArgumentParser) -> None:
@@ -207,8 +217,7 @@ def _at(args: argparse.Namespace) -> int:
 def _watch(args: argparse.Namespace) -> int:
     from agent.fleet.watch import Watcher
 
-    named = [*args.device, *(_listed(args.all) if args.all else [])]
-    watcher = Watcher(options_from(args), devices=dict.fromkeys(named))
+    watcher = Watcher(options_from(args), devices=_watched(args))
     watcher.start()
     try:
         if args.once:
@@ -225,7 +234,8 @@ def _watch(args: argparse.Namespace) -> int:
 def _dashboard(args: argparse.Namespace) -> int:
     from agent.fleet.dashboard import serve
 
-    serve(options_from(args), args.listen, say=lambda line: print(line, flush=True))
+    serve(options_from(args), args.listen, devices=_watched(args),
+          say=lambda line: print(line, flush=True))
     return 0
 
 

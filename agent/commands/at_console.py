@@ -10,7 +10,8 @@ SIM, through the channel the agent owns, and answers with the modem's lines and 
   the keeper's and the session's commands wait for it no longer than for any other. A command
   the modem does not answer within that time is a hang, recovered as any other.
 - Every command, sent or refused, is an ``at-command`` event: ``command``, ``final`` (the
-  modem's final result, null when none came) and ``error`` (why none came, or the refusal).
+  modem's final result, null when none came), ``error`` (why none came, or the refusal) and
+  ``by`` (the id of the signed command that asked).
 
 The answer (the result's detail): ``{"command", "lines": [the modem's information lines],
 "final": "OK" | "ERROR" | "+CME ERROR: <n>" | ...}``. A final error is an answer, not a
@@ -23,6 +24,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from agent.commands.processor import running_command
 from agent.core.at_allow import fold, refusal
 from agent.sim.keeper import SimKeeper
 from drivers.channel import AtChannel
@@ -96,6 +98,7 @@ class AtConsole:
 
     def _event(self, command: str, final: str | None, error: str | None) -> None:
         try:
-            self._emit("at-command", command=command, final=final, error=error)
+            self._emit("at-command", command=command, final=final, error=error,
+                       by=running_command.get())
         except Exception:  # the answer still goes back; the log says what was not recorded
             log.exception("at-command event not emitted (%s)", command)

@@ -32,6 +32,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -48,6 +49,9 @@ Detail = str | Mapping[str, Any] | None
 Handler = Callable[[dict[str, Any]], Awaitable[Detail] | Detail]
 Result = dict[str, Any]
 BUILTIN = frozenset({"rotate-key"})
+#: The id of the command whose handler is running (None outside one): events a handler emits
+#: name the order that caused them (``by``).
+running_command: ContextVar[str | None] = ContextVar("running_command", default=None)
 _MAX_DETAIL = 500
 
 
@@ -212,7 +216,11 @@ class CommandProcessor:
                 self.keys.reload()
             else:
                 self.executed += 1
-                detail = await self._run(self._handlers[env.name], args)
+                token = running_command.set(env.id)
+                try:
+                    detail = await self._run(self._handlers[env.name], args)
+                finally:
+                    running_command.reset(token)
             answer = result(env.id, "ok", _with_note(detail, note))
         except Exception as exc:
             answer = result(env.id, "failed", one_line(f"{type(exc).__name__}: {exc}"))

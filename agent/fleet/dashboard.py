@@ -259,10 +259,11 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: the page asks every 2 s."""
 
 
-def serve(opts: BrokerOptions, listen: tuple[str, int],
+def serve(opts: BrokerOptions, listen: tuple[str, int], *, devices: Iterable[str] = (),
           say: Callable[[str], None] = print) -> None:
-    """Watch the fleet and serve its page until interrupted (Ctrl-C)."""
-    watcher = Watcher(opts)
+    """Watch the fleet (``devices`` by name, or every device) and serve its page until
+    interrupted (Ctrl-C)."""
+    watcher = Watcher(opts, devices=devices)
     dashboard = Dashboard(watcher, listen, broker=f"{opts.host}:{opts.port}")
     try:
         watcher.start()
