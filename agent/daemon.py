@@ -2,9 +2,10 @@
 :class:`~agent.core.tasks.Supervisor`, and stops them in order.
 
 Start: the store (a decommissioned gateway refuses to start), outbox, events, usage meter,
-trusted clock, SIM keeper, command processor and its inbox, the uplinks (MQTT; the Unified
-Endpoint for readings where configured), the modem sessions (the first carries the SIM keeper
-and the SMS command reader), health and state reports, the ingest socket; then ``READY=1``.
+trusted clock, SIM keepers (one per modem, agent.sim.keepers), command processor and its inbox,
+the uplinks (MQTT; the Unified Endpoint for readings where configured), the modem sessions (each
+carries its slot's SIM keeper and an SMS command reader, and feeds the usage meter; the first
+also the AT console), health and state reports, the ingest socket; then ``READY=1``.
 
 Stop (SIGTERM/SIGINT, see :mod:`agent.cli.run`), in reverse: ``STOPPING=1``; the ingest socket
 answers the lines already queued and closes; a decommission under way is cancelled; every
@@ -30,13 +31,16 @@ from agent.commands.processor import CommandProcessor, Result
 from agent.commands.sms import SmsCommands
 from agent.core import runtime
 from agent.core.config import Config
+from agent.core.modem_config import slot_name
 from agent.core.sdnotify import Notifier
 from agent.core.store import Store
 from agent.core.tasks import Supervisor
 from agent.core.trusted_time import TrustedClock, load_anchor, save_anchor
 from agent.modem.ports import ModemPorts
+from agent.modem.session import Observe
 from agent.sim import decommission
 from agent.sim.keeper import SimKeeper
+from agent.sim.keepers import SimKeepers
 from agent.telemetry.events import Events
 from agent.telemetry.health import HealthReporter
 from agent.telemetry.ingest import IngestServer
@@ -60,7 +64,7 @@ class Parts:
     events: Events
     usage: UsageMeter
     clock: TrustedClock
-    keeper: SimKeeper
+    keepers: SimKeepers
     commands: CommandProcessor
     inbox: CommandInbox
     sms: SmsCommands
@@ -75,7 +79,7 @@ class Parts:
     def snapshot(self) -> Snapshot:
         """What ``status`` and the retained ``state`` show, from memory."""
         return Snapshot(modems=self.modems.summaries(), uplink=self.uplinks.state(),
-                        sims=self.keeper.summaries(), tasks=self.supervisor.status(),
+                        sims=self.keepers.summaries(), tasks=self.supervisor.status(),
                         usage=self.usage.reported, decommissioned=self.decommissioner.marker)
 
     def usage_reports(self) -> list[dict[str, Any]]:
@@ -84,24 +88,28 @@ class Parts:
 
 
 class _SlotHooks:
-    """What rides on the modem that carries the SIM (agent.modem.session.SessionHooks)."""
+    """What rides on a modem (agent.modem.session.SessionHooks): its slot's SIM keeper, an SMS
+    command reader, and on the first modem the AT console."""
 
     def __init__(self, keeper: SimKeeper, sms: SmsCommands, supervisor: Supervisor,
-                 console: AtConsole) -> None:
+                 console: AtConsole | None, index: int) -> None:
         self._keeper = keeper
         self._sms = sms
         self._supervisor = supervisor
         self._console = console
+        self._task = "sms commands" if index == 0 else f"sms commands {slot_name(index)}"
 
     def attached(self, channel: AtChannel, profile: Profile) -> None:
         self._keeper.attach(channel, profile)
-        self._console.attach(channel)
-        self._supervisor.spawn("sms commands", lambda: self._sms.serve(channel))
+        if self._console is not None:
+            self._console.attach(channel)
+        self._supervisor.spawn(self._task, lambda: self._sms.serve(channel))
 
     def detached(self) -> None:
         self._keeper.detach()
-        self._console.detach()
-        self._supervisor.cancel("sms commands")
+        if self._console is not None:
+            self._console.detach()
+        self._supervisor.cancel(self._task)
 
 
 def build(cfg: Config, store: Store, *, config_path: Path | None = None,
@@ -110,7 +118,6 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
     """Every part, wired; nothing runs yet. Callbacks name parts built further down: they are
     only called once everything is started."""
     # Built further down (the parts call each other back):
-    keeper: SimKeeper
     uplinks: Uplinks
     modems: ModemPorts
     decommissioner: decommission.Decommissioner
@@ -128,13 +135,13 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
                          persist=lambda anchor: save_anchor(store, anchor))
 
     def gates_changed() -> None:
-        uplinks.set_telemetry_allowed(keeper.telemetry_allowed()
+        uplinks.set_telemetry_allowed(keepers.telemetry_allowed()
                                       and not decommissioner.active)
         changed.set()
 
-    keeper = SimKeeper.from_config(cfg, store, events.emit, clock=clock,
-                                   on_change=gates_changed)
-    at_console = AtConsole(cfg.commands.at_allow, keeper, emit=events.emit,
+    keepers = SimKeepers(lambda index: SimKeeper.from_config(
+        cfg, store, events.emit, index=index, clock=clock, on_change=gates_changed))
+    at_console = AtConsole(cfg.commands.at_allow, keepers, emit=events.emit,
                            decommissioned=lambda: decommissioner.active)
 
     def publish_result(result: Result) -> None:
@@ -144,13 +151,20 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
     def allow(reading: Reading) -> bool:
         return usage.allowed(reading.topic, reading.priority)
 
-    async def observe(iccid: str, source: str, counters: Counters, epoch: str) -> None:
-        await store.run(lambda: usage.observe(iccid, source, counters, epoch=epoch))
+    def slot_parts(index: int) -> tuple[_SlotHooks, Observe]:
+        slot = slot_name(index)
+
+        async def observe(iccid: str, source: str, counters: Counters, epoch: str) -> None:
+            await store.run(lambda: usage.observe(iccid, source, counters, epoch=epoch,
+                                                  slot=slot))
+
+        return _SlotHooks(keepers.slot(index), sms, supervisor,
+                          at_console if index == 0 else None, index), observe
 
     commands = CountingProcessor(
         store, cfg.device_id, _operator_keys(cfg), clock,
-        handlers(keeper, usage, store, state=lambda: parts.reporter.state(),
-                 reset_modem=lambda: modems.reset_slot_modem(),
+        handlers(keepers, usage, store, state=lambda: parts.reporter.state(),
+                 reset_modem=lambda iccid: modems.reset(iccid),
                  decommission=lambda: decommissioner.begin(), at_console=at_console,
                  diagnose=lambda: diagnosis_host.live(cfg, parts, config_path)),
     )
@@ -159,12 +173,11 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
     sms = SmsCommands(commands, publish=uplinks.publish_result,
                       mqtt_ready=lambda: uplinks.ready, emit=events.emit)
     health = HealthReporter(outbox, lambda: modems.summaries(), interval=cfg.health.interval)
-    modems = ModemPorts(cfg.modem, supervisor,
-                        hooks=_SlotHooks(keeper, sms, supervisor, at_console),
-                        observe=observe, on_change=changed.set, on_ready=health.kick)
+    modems = ModemPorts(cfg.modem, supervisor, slot_parts=slot_parts, on_change=changed.set,
+                        on_ready=health.kick)
     decommissioner = decommission.Decommissioner(decommission.Plant(
         cfg=cfg, config_path=config_path, store=store, outbox=outbox, events=events,
-        keeper=keeper, gates_changed=gates_changed,
+        keepers=keepers, gates_changed=gates_changed,
         publish_state=lambda: parts.reporter.publish_now(), stop_uplinks=uplinks.stop,
     ))
     reporter = StateReporter(store, cfg.device_id, changed, snapshot=lambda: parts.snapshot(),
@@ -174,12 +187,12 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
         outbox, cfg.ingest.socket, group=cfg.ingest.group,
         max_line=cfg.ingest.max_reading_bytes, max_clients=cfg.ingest.max_clients,
         client_timeout=cfg.ingest.client_timeout,
-        gates=(usage.accepting, keeper.accepting, decommissioner.accepting),
+        gates=(usage.accepting, keepers.accepting, decommissioner.accepting),
     )
     metrics = Metrics(cfg.metrics, cfg.device_id, snapshot=lambda: parts.snapshot(),
                       usage=lambda: parts.usage_reports(), outbox=outbox,
                       results=commands.results)
-    parts = Parts(supervisor, store, outbox, events, usage, clock, keeper, commands, inbox, sms,
+    parts = Parts(supervisor, store, outbox, events, usage, clock, keepers, commands, inbox, sms,
                   uplinks, modems, health, reporter, decommissioner, ingest, metrics)
     gates_changed()  # a suspension from before a restart holds from the first batch on
     return parts
@@ -240,7 +253,7 @@ class Daemon:
         stack.push_async_callback(p.supervisor.stop)
         stack.push_async_callback(p.decommissioner.close)
         sup = p.supervisor
-        sup.spawn("sim keeper", p.keeper.run)
+        p.keepers.start(sup.spawn)
         sup.spawn("commands", p.inbox.run)
         stack.callback(p.modems.start())
         sup.spawn("health", p.health.run)

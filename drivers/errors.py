@@ -40,6 +40,11 @@ class NotConnected(ModemError):
     """The channel is closed."""
 
 
+class SimSlotsUnsupported(ModemError):
+    """The modem has one SIM slot as far as the stack knows: its profile has no slot command,
+    or the modem refused the vendor's (plain ``ERROR``, ``+CME ERROR: 4``)."""
+
+
 class CommandError(ModemError):
     """The modem answered a plain ``ERROR`` (or a vendor's equivalent)."""
 

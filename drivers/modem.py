@@ -17,7 +17,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from drivers.at import Urc, line_prefix
-from drivers.errors import CmeError, ModemError, NotConnected, PortError, SimBusy, TransientError
+from drivers.errors import (
+    CmeError,
+    CommandError,
+    ModemError,
+    NotConnected,
+    OperationNotSupported,
+    PortError,
+    SimBusy,
+    SimSlotsUnsupported,
+    TransientError,
+)
 from drivers.parsers import ParseError
 from drivers.parsers.device import NetworkTime, Radio, RadioState, parse_cfun
 from drivers.parsers.identity import parse_manufacturer, parse_model, parse_revision, parse_serial
@@ -45,10 +55,11 @@ from drivers.parsers.sim import (
     parse_cpin,
     parse_iccid,
     parse_imsi,
+    parse_sim_slot,
     pin_state_from_error,
 )
 from drivers.parsers.thermal import Temperature
-from drivers.vendors import GENERIC, Profile, identify
+from drivers.vendors import GENERIC, Profile, SlotDialect, identify
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -325,6 +336,57 @@ class Modem:
         report it (see :meth:`temperature_reading`)."""
         reading = await self.temperature_reading()
         return reading.celsius if reading is not None else None
+
+    # -- SIM slots (dual-SIM single standby) ----------------------------------------------
+    def _slots(self) -> SlotDialect:
+        dialect = self.profile.slot_dialect
+        if dialect is None:
+            raise SimSlotsUnsupported(f"{self.profile.name} modem: one SIM slot, no slot command")
+        return dialect
+
+    @staticmethod
+    async def _slot_command(sent: Awaitable[T]) -> T:
+        """``await sent``; a refusal (plain ERROR, +CME ERROR: 4) means one slot."""
+        try:
+            return await sent
+        except CommandError as exc:
+            if type(exc) is CommandError or isinstance(exc, OperationNotSupported):
+                raise SimSlotsUnsupported(
+                    f"{exc.command}: {exc.text}: the modem has no SIM slot to choose") from exc
+            raise
+
+    async def sim_slot(self) -> int:
+        """The SIM slot in use, 1-based. SimSlotsUnsupported when the profile has one slot or
+        the modem refuses the vendor's command; ParseError for an answer out of shape."""
+        d = self._slots()
+
+        def parse(lines: Sequence[str]) -> int:
+            return parse_sim_slot(lines, d.prefix, d.first, d.count)
+
+        return await self._slot_command(self._read(d.query, parse, (d.prefix,)))
+
+    async def select_sim_slot(self, slot: int, *, timeout: float = 30.0) -> None:
+        """Use the SIM in ``slot`` (1-based). The SIM is powered down (``+CFUN=0``) around the
+        vendor's command, as 27.007 ``+CSUS`` requires and as Quectel integrations do, then the
+        radio goes back to its level: the modem reads the new card and registers with it.
+        Returns once the modem reports ``slot``; read the card and the registration as usual
+        (:meth:`sim`, :meth:`registration`). Errors as :meth:`sim_slot`; ValueError for a slot
+        the profile has not."""
+        d = self._slots()
+        if not 1 <= slot <= d.count:
+            raise ValueError(f"slot must be 1 to {d.count}, not {slot!r}")
+        if await self.sim_slot() == slot:
+            return
+        fun = (await self.radio()).fun
+        select = d.select.format(d.first + slot - 1)
+        await self.channel.command("AT+CFUN=0", timeout=timeout)
+        try:
+            await self._slot_command(self.channel.command(select, timeout=timeout))
+        finally:
+            if fun != 0:
+                await self.channel.command(f"AT+CFUN={fun}", timeout=timeout)
+        if (now := await self.sim_slot()) != slot:
+            raise ModemError(f"{select}: accepted, but the modem still uses SIM slot {now}")
 
     # -- the probe -----------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:

@@ -30,6 +30,8 @@ counters           ``AT+QGDCNT?`` -> ``+QGDCNT: <sent>,<recv>`` (bytes)
 temperature        ``AT+QTEMP`` -> ``+QTEMP: <pmic_temp>,<xo_temp>,<pa_temp>`` (EC2x) or one
                    ``+QTEMP: "<sensor>","<temp>"`` line per sensor; the hottest is reported
 banner             ``RDY`` (about 11 s after a reset on EC2x)
+SIM slot           ``AT+QDSIM?`` -> ``+QDSIM: <n>`` (0 slot 1, 1 slot 2); ``AT+QDSIM=<n>``
+                   (dual-SIM single-standby variants; others answer ``ERROR``)
 ``<AcT>``          8 is LTE-M (eMTC) on BG9x, 9 NB-IoT
 =================  =====================================================================
 
@@ -75,6 +77,13 @@ counters ``AT^DSFLOWQRY`` -> ``^DSFLOWQRY: <last_time>,<last_tx>,<last_rx>,<tota
 temperature not read (``^CHIPTEMP?``'s fields are not confirmed from a manual).
 
 Sierra Wireless: temperature not read (no confirmed command).
+
+Dual SIM (one radio, two holders): Quectel's ``AT+QDSIM`` only. 3GPP TS 27.007 section 8.66
+has ``+CSUS`` (set card slot: refused while a SIM is active), which few modules implement; the
+others have no slot command confirmed from their manuals (SIMCom SIM7600 and u-blox SARA-R4
+have one SIM interface; Telit LE910Cx ``#SIMSELECT`` and Sierra ``!UIMS`` are not wired:
+their parameters are not confirmed from a manual). Their profiles have one slot
+(:attr:`Profile.sim_slots`).
 """
 
 from __future__ import annotations
@@ -96,6 +105,18 @@ from drivers.parsers.signal import Signal, parse_cesq, parse_cpsi, parse_qeng_se
 from drivers.parsers.thermal import Temperature, parse_cpmutemp, parse_qtemp, parse_tempmeas
 
 Lines = Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotDialect:
+    """A vendor's dual-SIM commands: ``query`` answers ``<prefix>: <n>``; ``select`` takes the
+    vendor's number of a slot for ``{}``; ``first`` is the vendor's number of slot 1."""
+
+    query: str
+    prefix: str
+    select: str
+    first: int = 0
+    count: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +144,15 @@ class Profile:
     temperature_parser: Callable[[Lines], Temperature] | None = None
     temperature_prefix: str | None = None  # the answer's prefix when not the command's name
     banner: str | None = None
+    slot_dialect: SlotDialect | None = None  # None: one SIM slot
     init_commands: tuple[str, ...] = ("AT+CREG=2", "AT+CGREG=2", "AT+CEREG=3")
     act_names: Mapping[int, Act] = field(default_factory=lambda: ACT_27007)
     cfun_states: Mapping[int, RadioState] = field(default_factory=lambda: CFUN_27007)
+
+    @property
+    def sim_slots(self) -> int:
+        """The SIM slots the stack can switch between: 1 without a slot dialect."""
+        return self.slot_dialect.count if self.slot_dialect else 1
 
     def matches(self, manufacturer: str, model: str) -> bool:
         return (re.search(self.manufacturer, manufacturer, re.IGNORECASE) is not None
@@ -146,6 +173,10 @@ QUECTEL = replace(
     counters_command="AT+QGDCNT?", counters_parser=parse_qgdcnt,
     temperature_command="AT+QTEMP", temperature_parser=parse_qtemp,
     banner="RDY", act_names=_acts(a8="lte-m"),
+    # Quectel AT Commands Manual, (U)SIM Related Commands, "AT+QDSIM Select (U)SIM Card"
+    # (section 5.12 in the edition the quectelatcommands package follows): <n> 0 SIM1, 1 SIM2.
+    # No capture in ../shared/corpus. Modem.select_sim_slot powers the SIM down around it.
+    slot_dialect=SlotDialect("AT+QDSIM?", "+QDSIM", "AT+QDSIM={}", first=0),
 )
 
 SIMCOM = replace(

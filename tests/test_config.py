@@ -95,6 +95,14 @@ def test_config_is_frozen() -> None:
         ('[modem]\ndata_path = "nm"', 'modem.data_path: expected "networkmanager" or "agent"'),
         ("[modem]\nbaud = 1.5", "modem.baud: expected an integer 300-4000000, got 1.5"),
         ('[modem]\ninterface = "wwan0/../x"', "modem.interface: expected a network interface"),
+        ("[modem]\nport = []", "modem.port: expected one value or a non-empty list"),
+        ('[modem]\nport = ["/dev/a", "auto"]', 'modem.port: "auto" finds every modem'),
+        ('[modem]\nport = ["/dev/a", "/dev/a"]', "modem.port: a port appears twice"),
+        ('[modem]\nport = ["/dev/a", 3]', "modem.port[1]: expected \"auto\", a device path"),
+        ('[modem]\nport = ["/dev/a", "/dev/b"]\ninterface = ["wwan0"]',
+         "modem.interface: 1 given for 2 ports"),
+        ('[modem]\nport = ["/dev/a", "/dev/b"]',
+         "modem.nm_connection: with several modems and data_path = \"networkmanager\""),
         ("[ingest]\nmax_clients = -1", "ingest.max_clients: expected an integer 1-4096"),
         ("[ingest]\nsocket = '/" + "x" * 120 + "'", "ingest.socket: longer than 100 bytes"),
         ("[ingest]\ngroup = 'a b'", "ingest.group: expected a group name"),
@@ -132,6 +140,23 @@ def test_refusals_name_the_key_and_the_reason(toml: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse(f'device_id = "gw-1"\n{toml}')
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_several_modems() -> None:
+    """One port, a list (each modem's slot by its place), or hotplug; interface and
+    NetworkManager connection one per port, or one for the first modem only."""
+    one = parse('device_id = "g"\n[modem]\nport = "/dev/ttyUSB2"').modem
+    assert one.ports == ("/dev/ttyUSB2",) and not one.several
+    assert (one.interface_for(0), one.interface_for(1)) == ("wwan0", None)
+    auto = parse('device_id = "g"').modem
+    assert auto.ports == () and auto.several
+    two = parse('device_id = "g"\n[modem]\nport = ["/dev/ttyUSB2", "rfc2217://h:1"]\n'
+                'interface = ["wwan0", "wwan1"]\nnm_connection = ["one", "two"]').modem
+    assert two.ports == ("/dev/ttyUSB2", "rfc2217://h:1") and two.several
+    assert [two.interface_for(i) for i in range(3)] == ["wwan0", "wwan1", None]
+    assert [two.nm_connection_for(i) for i in range(2)] == ["one", "two"]
+    by_at = parse('device_id = "g"\n[modem]\nport = ["/dev/a", "/dev/b"]\ndata_path = "agent"')
+    assert by_at.modem.nm_connection_for(1) is None
 
 
 def test_device_id_required_and_checked() -> None:

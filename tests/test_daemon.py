@@ -39,7 +39,8 @@ class Agent:
     """The daemon under test, as a subprocess (stderr in ``log``)."""
 
     def __init__(
-        self, directory: Path, broker_port: int, modem: str, extra: str = "", rate: int = 100_000
+        self, directory: Path, broker_port: int, modem: str | list[str], extra: str = "",
+        rate: int = 100_000,
     ) -> None:
         self.directory = directory
         self.config = directory / "agent.toml"
@@ -48,7 +49,7 @@ class Agent:
         self.log = directory / "agent.log"
         self.config.write_text(
             f'device_id = "{DEVICE}"\n'
-            f'[modem]\nport = "{modem}"\ninterface = "sk-test-none"\n'
+            f'[modem]\nport = {json.dumps(modem)}\ninterface = "sk-test-none"\n'
             f"[uplink]\nport = {broker_port}\nkeepalive = 10\nreconnect_min = 0.1\n"
             "reconnect_max = 1.0\nbatch_max_count = 20\nbatch_max_latency = 0.05\n"
             f"rate_messages_per_minute = {rate}\nrate_bytes_per_minute = 1073741824\n"

@@ -467,8 +467,8 @@ async def test_running_agent_that_may_not_wipe_asks_root(
             self.cfg, self.config_path, self.store = cfg, config, store
             self.outbox = SimpleNamespace(depth=lambda _stream: (0, 0))
             self.events = SimpleNamespace(emit=lambda topic, **kw: emitted.append((topic, kw)))
-            self.keeper = SimpleNamespace(iccid=None, decommission=lambda announce: None,
-                                          retire=lambda: None)
+            self.keepers = SimpleNamespace(iccid=None, decommission=lambda announce: None,
+                                           retire=lambda: None)
 
         def gates_changed(self) -> None:
             pass

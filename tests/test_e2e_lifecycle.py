@@ -85,8 +85,8 @@ class LifecycleAgent(Agent):
     """:class:`tests.test_daemon.Agent` with ``[modem] data_path = "agent"`` and, when
     ``wall`` is given, the fake clock of :data:`SHIM` (for ``run`` and ``status`` alike)."""
 
-    def __init__(self, directory: Path, broker_port: int, modem: str, extra: str = "",
-                 wall: float | None = None) -> None:
+    def __init__(self, directory: Path, broker_port: int, modem: str | list[str],
+                 extra: str = "", wall: float | None = None) -> None:
         super().__init__(directory, broker_port, modem, extra)
         text = self.config.read_text().replace("[modem]\n", '[modem]\ndata_path = "agent"\n', 1)
         self.config.write_text(text)

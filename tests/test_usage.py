@@ -200,7 +200,7 @@ def test_sim_swap_starts_the_new_sim_at_zero(rig: Rig) -> None:
     rig.meter.observe(OTHER + "F", "kernel", Counters(1500, 1200))  # padded ICCID, same SIM key
     assert rig.total(ICCID)[:2] == (1000, 1000)
     assert rig.total(OTHER)[:2] == (500, 200)
-    assert rig.meter.sim == OTHER
+    assert rig.meter.sims == {"modem": OTHER}
 
 
 # -- periods ---------------------------------------------------------------------------------

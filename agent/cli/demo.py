@@ -211,7 +211,7 @@ def _draw(out: TextIO, started: float, port: int, daemon: Daemon, watcher: _Watc
             report = parts.usage.report(iccid)
             lines.append(f"usage: {report['bytes_up']} B up, {report['bytes_down']} B down"
                          f" ({report['source']}), billed estimate {report['billed_estimate']} B")
-    lines += ["", *_lifecycle_lines(parts.keeper.summary())]
+    lines += ["", *_lifecycle_lines(parts.keepers.summary())]
     count, size = parts.outbox.depth()
     up = parts.uplinks.state()
     events = watcher.recent_events()

@@ -94,10 +94,10 @@ def _status(cfg: config.Config) -> dict[str, Any] | None:
 
 
 def _port(cfg: config.Config) -> str | None:
-    """The configured port; for ``"auto"`` the first AT port udev knows (as hotplug finds it),
-    None when there is none."""
-    if cfg.modem.port != "auto":
-        return cfg.modem.port
+    """The first configured port; for ``"auto"`` the first AT port udev knows (as hotplug
+    finds it), None when there is none."""
+    if cfg.modem.ports:
+        return cfg.modem.ports[0]
     try:
         import pyudev
 

@@ -164,7 +164,8 @@ def render(status: dict[str, Any], *, wipe_requested: bool = False) -> str:
         rows.append(("", f"usage: {_usage(sim['usage'])}"))
     for m in status["modems"]:
         detail = f" ({m['detail']})" if m["detail"] else ""
-        rows.append(("modem", f"{m['port']}: {m['state']}{detail}"))
+        slot = f" ({m['slot']})" if m.get("slot", "modem") != "modem" else ""
+        rows.append(("modem", f"{m['port']}{slot}: {m['state']}{detail}"))
         if info := m["modem"]:
             reg, op, sig = info["registration"], info["operator"], info["signal"]
             rssi = "unknown" if sig["rssi_dbm"] is None else f"{sig['rssi_dbm']} dBm"
@@ -227,7 +228,9 @@ def _lifecycle(sim: dict[str, Any] | None) -> str:
     """``active``, ``suspended (radio, by network: ...)``, deadline and conformance, one line."""
     if not sim:
         return "lifecycle unknown"
-    text = str(sim["state"]) + (" (in the modem)" if sim["current"] else "")
+    slot = sim.get("slot")
+    where = " (in the modem)" if slot in (None, "modem") else f" (in {slot})"
+    text = str(sim["state"]) + (where if sim["current"] else "")
     if susp := sim["suspension"]:
         why = f": {susp['reason']}" if susp["reason"] else ""
         text += f", suspended ({susp['scope']}, by {susp['source']}{why})"

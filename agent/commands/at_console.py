@@ -26,7 +26,7 @@ from typing import Any
 
 from agent.commands.processor import running_command
 from agent.core.at_allow import fold, refusal
-from agent.sim.keeper import SimKeeper
+from agent.sim.keepers import SimKeepers
 from drivers.channel import AtChannel
 from drivers.errors import CommandError, ModemError
 
@@ -42,7 +42,7 @@ class AtConsole:
     ``emit``: :meth:`agent.telemetry.events.Events.emit`. The daemon attaches the channel of
     the modem that carries the SIM (:meth:`attach` / :meth:`detach`)."""
 
-    def __init__(self, allow: Sequence[str], keeper: SimKeeper, *,
+    def __init__(self, allow: Sequence[str], keeper: SimKeepers, *,
                  decommissioned: Callable[[], bool], emit: Callable[..., Any]) -> None:
         self._allow = allow
         self._keeper = keeper

@@ -96,6 +96,6 @@ def from_agent(view: AgentView, cfg: Config) -> ModemFacts:
     session = next((m for m in view.modems if m.get("modem") and iccid
                     and m["modem"]["sim"]["iccid"] == iccid), None)
     session = session or (view.modems[0] if view.modems else None)
-    port = session["port"] if session else None if cfg.modem.port == "auto" else cfg.modem.port
+    port = session["port"] if session else next(iter(cfg.modem.ports), None)
     return ModemFacts("agent", port, session["modem"] if session else None, session,
                       lifecycle=lc)

@@ -37,6 +37,7 @@ from agent.core.checks import (
     topic_name,
 )
 from agent.core.metrics_config import MetricsConfig, metrics_table
+from agent.core.modem_config import ModemConfig, check_modem
 from agent.core.readings import PRIORITY_MAX, PRIORITY_MIN
 from agent.core.uplink_config import MIB, UplinkConfig, check_uplink
 
@@ -71,26 +72,6 @@ ENV_VAR = "SIMKEEPER_CONFIG"
 SOCKET_PATH_MAX = 100  # sun_path holds 107 bytes; the agent binds a slightly longer temp name
 
 # -- the schema -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ModemConfig:
-    port: str = field(
-        default="auto", metadata=spec(matches(r"\S.*", '"auto", a device path or a pyserial URL'))
-    )
-    baud: int = field(default=115200, metadata=spec(int_between(300, 4_000_000)))
-    data_path: str = field(
-        default="networkmanager", metadata=spec(one_of("networkmanager", "agent", "external"))
-    )
-    interface: str = field(
-        default="wwan0",
-        metadata=spec(matches(r"[A-Za-z0-9_.:\-]{1,15}", "a network interface name")),
-    )
-    nm_connection: str | None = field(
-        default=None, metadata=spec(matches(r"[^\0\n]{1,200}", "a NetworkManager connection name"))
-    )
-    # how often a modem session reads the modem (state, signal, counters), seconds
-    poll_interval: float = field(default=60.0, metadata=spec(number_between(1, 86400)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +264,7 @@ def _check_lifecycle(lc: LifecycleConfig, conf: ConformanceConfig) -> None:
 
 
 def _check(config: Config) -> Config:
+    check_modem(config.modem)
     check_uplink(config.uplink)
     _check_usage(config.usage)
     _check_lifecycle(config.lifecycle, config.conformance)

@@ -226,11 +226,13 @@ def udp_probe(host: str, port: int, *, timeout: float = 10.0,
     return probe
 
 
-def default_probe(lc: LifecycleConfig, uplink: UplinkSettings | None) -> Probe:
+def default_probe(lc: LifecycleConfig, uplink: UplinkSettings | None,
+                  slot: str = "modem") -> Probe:
     """The probe ``[lifecycle] probe`` names; ``"uplink"`` opens an MQTT session with the
-    broker the way the uplink does (agent.telemetry.probe)."""
+    broker the way the uplink does (agent.telemetry.probe), one per modem's slot."""
     if lc.probe == "udp":
         return udp_probe(lc.probe_host, lc.probe_port, timeout=lc.probe_timeout)
     if lc.probe == "uplink" and uplink is not None:
-        return mqtt_probe(uplink, timeout=lc.probe_timeout)
+        return mqtt_probe(uplink, timeout=lc.probe_timeout,
+                          suffix="probe" if slot == "modem" else f"probe-{slot}")
     return tcp_probe(lc.probe_host, lc.probe_port, timeout=lc.probe_timeout)

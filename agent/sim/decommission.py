@@ -64,7 +64,8 @@ from agent.core.config import Config
 from agent.core.store import Store
 from agent.core.trusted_time import TrustedClock, load_anchor
 from agent.sim.identity import fingerprint, identity_cert, key_files, wipe
-from agent.sim.keeper import KeeperError, SimKeeper
+from agent.sim.keeper import KeeperError
+from agent.sim.keepers import SimKeepers
 from agent.sim.lifecycle import LifecycleError, LifecycleRepository
 from agent.telemetry.events import Events
 from agent.telemetry.outbox import Outbox
@@ -255,7 +256,7 @@ class Plant:
     store: Store
     outbox: Outbox
     events: Events
-    keeper: SimKeeper
+    keepers: SimKeepers
     gates_changed: Callable[[], None]
     publish_state: Callable[[], Awaitable[bool]]
     stop_uplinks: Callable[[str], Awaitable[None]]
@@ -293,7 +294,7 @@ class Decommissioner:
         if self.marker is not None:
             raise KeeperError(f"already decommissioned at {when(self.marker.get('at'))}")
         cert = identity_cert(p.cfg, p.config_path)
-        iccid = p.keeper.iccid
+        iccid = p.keepers.iccid
         marker = {"at": self._now(), "device_id": p.cfg.device_id, "iccid": iccid,
                   "cert": None if cert is None else str(cert), "cert_sha256": fingerprint(cert),
                   "completed_at": None, "wiped": [], "not_wiped": {}}
@@ -333,8 +334,8 @@ class Decommissioner:
             paths = key_files(p.cfg, p.config_path)
             wiped, failed = await loop.run_in_executor(None, wipe, paths)
             with contextlib.suppress(KeeperError, LifecycleError):
-                p.keeper.decommission(announce=False)
-            p.keeper.retire()
+                p.keepers.decommission(announce=False)
+            p.keepers.retire()
             marker.update(completed_at=self._now(), wiped=wiped, not_wiped=failed)
             await p.store.run(_save, p.store, MARKER, marker)
             if failed:

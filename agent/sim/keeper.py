@@ -24,13 +24,10 @@ The channel's hang listener counts one malfunction signal per hang episode, its 
 one per spontaneous reset (resets the agent asked for are not malfunctions); a malfunction is
 reported, and the radio stays on. Every reset of the keeper's modem is a ``modem-reset`` event.
 
-One owner runs it: :meth:`run` ends only when its task is cancelled (the daemon's supervisor
-does that; nothing else stops a supervised keeper). :meth:`start` / :meth:`stop` are that owner
-for tests and tools that run the keeper alone.
-
-The daemon attaches the keeper to a modem session's channel (:meth:`attach` / :meth:`detach`),
-hands :meth:`telemetry_allowed` to the uplink and :meth:`accepting` to the ingest server, and
-publishes :meth:`summary` in ``state`` and ``simkeeper status``.
+One owner runs it: :meth:`run` ends only when its task is cancelled (the daemon's supervisor;
+:meth:`start` / :meth:`stop` for tests and tools that run the keeper alone). One keeper per
+modem (agent.sim.keepers): each attaches to its modem session's channel (:meth:`attach`)
+and gives its gates and :meth:`summary` to what the daemon builds over all of them.
 """
 
 from __future__ import annotations
@@ -50,6 +47,7 @@ from agent.core.config import (
     UplinkConfig,
     canonical_iccid,
 )
+from agent.core.modem_config import slot_name
 from agent.core.store import Store
 from agent.core.trusted_time import TrustedClock, load_anchor, save_anchor
 from agent.sim.activation import Activator, Probe, default_probe
@@ -76,6 +74,8 @@ log = logging.getLogger(__name__)
 SUMMARY_MAX_AGE = 10.0  # seconds a summary read from the store is shown without a change
 ORDER_WAIT = 30.0  # seconds an order waits for the SIM to be read (after a start)
 
+
+
 _TIME_URCS = ("+CTZV", "+CTZE", "+QLTS", "+NITZ", "+CTZEU")
 _REG_URCS = ("+CREG", "+CGREG", "+CEREG", "+C5GREG", "+CGEV")
 
@@ -100,6 +100,7 @@ class SimKeeper:
         on_change: Callable[[], None] = lambda: None,
         slot: str = "modem",
         register_poll: float = 2.0,
+        nm_radio: bool = True,
     ) -> None:
         self.cfg = lc = lifecycle or LifecycleConfig()
         conf = conformance or ConformanceConfig()
@@ -116,13 +117,14 @@ class SimKeeper:
         self.guard = TerminalGuard(
             notes, list_path=conf.list, signature_path=conf.signature,
             key_path=operator_key, malfunction_resets=conf.malfunction_resets,
-            malfunction_window=conf.malfunction_window, mono=mono)
-        activator = Activator(probe or default_probe(lc, uplink), cid=lc.cid,
+            malfunction_window=conf.malfunction_window, mono=mono, slot=slot)
+        activator = Activator(probe or default_probe(lc, uplink, slot), cid=lc.cid,
                               register_timeout=lc.register_timeout, register_poll=register_poll)
         self._wake = Wake()
         self._sim = SimSlot(
             lc, repo=LifecycleRepository(store), notes=notes, clock=self.clock, guard=self.guard,
-            enforcer=Enforcer(data_path=data_path, runner=runner, nm_connection=nm_connection),
+            enforcer=Enforcer(data_path=data_path, runner=runner, nm_connection=nm_connection,
+                              nm_radio=nm_radio),
             emit=self._emit, mono=mono, slot=slot, on_swap=self._swapped)
         self._network = NetworkWatch(self._sim, activator, self._backoff, self._wake, mono)
         self._activation = ActivationLoop(self._sim, activator, self._backoff,
@@ -130,19 +132,26 @@ class SimKeeper:
                                           maintain=self._maintain)
         self._unlisten: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
+        self.slot = slot  # which modem's SIM slot (agent.sim.keepers names them)
         self.last_error: str | None = None  # the last modem error of a round
 
     @classmethod
-    def from_config(cls, cfg: Config, store: Store, emit: Callable[..., Any],
-                    **kwargs: Any) -> SimKeeper:
+    def from_config(cls, cfg: Config, store: Store, emit: Callable[..., Any], *,
+                    index: int = 0, **kwargs: Any) -> SimKeeper:
+        """The keeper of the ``index``-th modem's slot. With several modems, NetworkManager
+        is told only of the modem's own connection, never ``radio wwan`` (every modem's); a
+        later modem with no connection named is held by AT commands only."""
         kwargs.setdefault("uplink", cfg.uplink)
+        data_path, connection = cfg.modem.data_path, cfg.modem.nm_connection_for(index)
+        if index > 0 and data_path == "networkmanager" and connection is None:
+            data_path = "agent"
         return cls(store, emit, lifecycle=cfg.lifecycle, conformance=cfg.conformance,
-                   operator_key=cfg.commands.operator_key, data_path=cfg.modem.data_path,
-                   nm_connection=cfg.modem.nm_connection, **kwargs)
+                   operator_key=cfg.commands.operator_key, data_path=data_path,
+                   nm_connection=connection, nm_radio=not cfg.modem.several,
+                   slot=slot_name(index), **kwargs)
 
     @property
-    def next_delay(self) -> float | None:
-        """The last backoff delay chosen."""
+    def next_delay(self) -> float | None:  # the last backoff delay chosen
         return self._sim.next_delay
 
     # -- running -----------------------------------------------------------------------------
@@ -303,9 +312,8 @@ class SimKeeper:
     # -- orders (the commands module calls these; each raises KeeperError or LifecycleError) --
 
     async def sim_known(self, timeout: float = ORDER_WAIT) -> None:
-        """Return once the SIM in the modem is known, or after ``timeout`` seconds: an order
-        that was waiting at the broker arrives with the connection, before the first round has
-        read the SIM (the order then fails, saying so, if it still is not known)."""
+        """Return once the SIM in the modem is known, or after ``timeout`` seconds (an order
+        that waited at the broker arrives before the first round read the SIM)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._sim.known.wait()
@@ -376,6 +384,14 @@ class SimKeeper:
     @property
     def iccid(self) -> str | None:
         return self._sim.iccid
+
+    @property
+    def seen(self) -> bool:  # a SIM was read in this slot, now or before a restart
+        return (self._sim.lc or self._sim.last_seen) is not None
+
+    @property
+    def attached(self) -> bool:
+        return self._sim.modem is not None
 
     def telemetry_allowed(self) -> bool:
         """Readings may go up (not during a listening window: that is for orders only)."""

@@ -118,8 +118,9 @@ async def run_process(argv: Sequence[str], timeout: float = 30.0) -> tuple[int, 
 
 class Enforcer:
     def __init__(self, *, data_path: str = "agent", runner: Runner = run_process,
-                 nm_connection: str | None = None) -> None:
+                 nm_connection: str | None = None, nm_radio: bool = True) -> None:
         self.data_path = data_path
+        self.nm_radio = nm_radio  # may turn NetworkManager's wwan radio off (one modem only)
         self.runner = runner
         self.nm_connection = nm_connection
         self.nm_error: str | None = None  # the last nmcli failure, for the summary
@@ -166,7 +167,7 @@ class Enforcer:
                     commands.append(["nmcli", "connection", "modify", name,
                                      "connection.autoconnect", "no"])
                     commands.append(["nmcli", "connection", "down", name])
-                if mode == "radio-off":
+                if mode == "radio-off" and self.nm_radio:
                     commands.append(["nmcli", "radio", "wwan", "off"])
             failed = []
             for argv in commands:

@@ -57,8 +57,12 @@ class TerminalGuard:
         malfunction_resets: int = 5,
         malfunction_window: float = 3600.0,
         mono: Callable[[], float] = time.monotonic,
+        slot: str = "modem",
     ) -> None:
         self._notes = notes
+        # a malfunction is the terminal's: one note per modem (the first keeps the old name)
+        self._malfunction_note = (_MALFUNCTION_NOTE if slot == "modem"
+                                  else f"{_MALFUNCTION_NOTE}.{slot}")
         self.list_path = list_path
         self.signature_path = signature_path or (
             list_path.with_name(list_path.name + ".sig") if list_path else None)
@@ -67,7 +71,7 @@ class TerminalGuard:
         self.detector = MalfunctionDetector(malfunction_resets, malfunction_window)
         self.list: ConformanceList | None = None
         self.error: str | None = None  # why the configured list was last refused
-        latched = notes.get(_MALFUNCTION_NOTE)
+        latched = notes.get(self._malfunction_note)
         self.malfunction: dict[str, Any] | None = latched if isinstance(latched, dict) else None
         self._restore()
 
@@ -145,7 +149,7 @@ class TerminalGuard:
         verdict = self.detector.verdict()
         reason = verdict.failures[0].reason if verdict else what
         self.malfunction = {"reason": reason, "last": what, "since": time.time()}
-        self._notes.put(_MALFUNCTION_NOTE, self.malfunction)
+        self._notes.put(self._malfunction_note, self.malfunction)
         return True
 
     def clear_malfunction(self) -> bool:
@@ -153,7 +157,7 @@ class TerminalGuard:
         was = self.malfunction is not None
         self.detector.clear()
         self.malfunction = None
-        self._notes.put(_MALFUNCTION_NOTE, None)
+        self._notes.put(self._malfunction_note, None)
         return was
 
     def summary(self) -> dict[str, Any]:

@@ -29,13 +29,16 @@ _DISCONNECT = b"\xe0\x00"
 
 
 def mqtt_probe(settings: UplinkSettings, *, timeout: float = 10.0,
-               client_id: str = "simkeeper") -> Callable[[], Awaitable[None]]:
+               client_id: str = "simkeeper",
+               suffix: str = "probe") -> Callable[[], Awaitable[None]]:
     """A probe (agent.sim.activation): returns after a CONNACK from ``settings``' broker;
-    raises OSError or TimeoutError without one."""
+    raises OSError or TimeoutError without one. Its session is ``{client_id}-{suffix}``: each
+    modem's keeper has its own (``probe``, ``probe-modem2``...), so two never take over one
+    another's session."""
 
     async def probe() -> None:
         context = client_context(settings) if settings.tls else None
-        packet = connect_packet(f"{settings.client_id or client_id}-probe",
+        packet = connect_packet(f"{settings.client_id or client_id}-{suffix}",
                                 *credentials(settings))
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(

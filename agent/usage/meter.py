@@ -1,31 +1,34 @@
 """Usage metering: bytes per SIM (ICCID) and billing period, plan caps.
 
-Inputs are cumulative counters from two sources: the modem's (``sent``, ``recv`` from the
-driver's data counters) and the kernel's for the data interface
-(``/sys/class/net/<if>/statistics``). Both reset at times. The meter keeps the last raw value
-per source in the database and adds only deltas: a value lower than the last one, or a new
-``epoch`` (the kernel's boot id and interface index; a modem session counter), is a reset and
-counts in full. So totals never go backwards, and a reading seen twice counts once, across
-restarts too.
+Inputs are cumulative counters of each modem slot (``modem``, ``modem2``...: a gateway may
+have several modems, each with its SIM) from two sources, the modem's and the kernel's
+(:mod:`agent.usage.counters`, where each slot's last raw values are kept). Both reset at times;
+the meter adds only deltas: a value lower than the last one, or a new ``epoch`` (the kernel's
+boot id and interface index; a modem session counter), is a reset and counts in full. So totals
+never go backwards, and a reading seen twice counts once, across restarts too.
 
-Deltas go to the SIM in use and to its current billing period (``cycle_day`` at midnight in
-``timezone``). The estimate of billed bytes is payload plus packets x
-``header_overhead_bytes`` (the carrier counts about 50-54 bytes of headers per packet); the
-payload comes from the modem's counters when it has them, else the kernel's, and packets
-always from the kernel.
+Deltas go to the slot's SIM in use (:attr:`UsageMeter.sims`; meta ``usage.sim`` for slot
+``modem``, ``usage.sim.<slot>`` for the others) and to its current billing period
+(``cycle_day`` at midnight in ``timezone``). A SIM new to a slot becomes its SIM in use (a
+swap): the slot's readings put off (below) are committed first, to the SIM leaving. A SIM seen
+in another slot moves there (swapped between modems): its old slot has no SIM in use until it
+reports one; each slot counting its own counters, nothing counts twice or is lost. The estimate
+of billed bytes is payload plus packets x ``header_overhead_bytes`` (the carrier counts about
+50-54 bytes of headers per packet); the payload comes from the modem's counters when it has
+them, else the kernel's, and packets always from the kernel.
 
 Plans: ``[[usage.plan]]`` per ICCID, else ``[usage] plan_bytes``, overridden by
-:meth:`UsageMeter.set_plan` (the ``set-plan`` command). Each threshold fires one
-``usage-threshold`` event per SIM and period; the most severe action crossed applies until
-the period ends: ``throttle`` holds readings that are not critical (:meth:`allowed`), ``stop``
-also refuses new readings (:meth:`accepting`, an ingest gate).
+:meth:`UsageMeter.set_plan` (the ``set-plan`` command). Thresholds and the actions they put in
+force per SIM: :mod:`agent.usage.caps`; the gates :meth:`UsageMeter.allowed` and
+:meth:`UsageMeter.accepting` hold readings only when every SIM in use is capped,
+:meth:`UsageMeter.cap` tells one SIM's action.
 
 An SD card wears out under a write a minute: when only the counters moved (no threshold crossed,
-no new period, no reset), :meth:`UsageMeter.observe` commits at most every ``save_interval``
-seconds per source and keeps the newer figures in memory meanwhile (the reports show them;
-:meth:`UsageMeter.publish` commits them first). Nothing is lost by a crash in between: the
-counters are cumulative, so the next reading after a restart counts what was not committed;
-only a crash and a counter reset together lose the uncommitted part.
+no new period, no reset, no new SIM), :meth:`UsageMeter.observe` commits at most every
+``save_interval`` seconds per slot and source and keeps the newer figures in memory meanwhile
+(the reports show them; :meth:`UsageMeter.publish` commits them first). Nothing is lost by a
+crash in between: the counters are cumulative, so the next reading after a restart counts what
+was not committed; only a crash and a counter reset together lose the uncommitted part.
 
 :meth:`UsageMeter.observe`, :meth:`UsageMeter.set_plan` and :meth:`UsageMeter.publish` commit:
 from the event loop, call them through ``await store.run(...)``. :meth:`UsageMeter.reports`
@@ -39,10 +42,8 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -51,53 +52,30 @@ from agent.core.readings import PRIORITY_MAX
 from agent.core.store import Store
 from agent.telemetry.events import Events
 from agent.telemetry.outbox import USAGE, Outbox, compact_json
+from agent.usage.caps import Caps, Query, cap_of, fire
+from agent.usage.counters import SLOT, SOURCES, Counters, count, counter_row, read_kernel
 from agent.usage.period import billing_period, period_end
 
-SOURCES = ("modem", "kernel")
+__all__ = ["SAVE_INTERVAL", "SLOT", "Counters", "UsageMeter", "read_kernel"]
+
 SAVE_INTERVAL = 900.0  # the daemon's save_interval: usage commits at most this often when idle
-SEVERITY = {"event": 0, "throttle": 1, "stop": 2}
-_KERNEL_FILES = ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")
-
-Query = Callable[[str, Sequence[Any]], list[Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Counters:
-    """Cumulative counters as a source reports them (packets: kernel only)."""
-
-    tx_bytes: int
-    rx_bytes: int
-    tx_packets: int = 0
-    rx_packets: int = 0
-
-
-def read_kernel(interface: str, root: Path = Path("/")) -> tuple[Counters, str] | None:
-    """The kernel's counters of ``interface`` and their epoch (boot id and interface index:
-    either changing means the counters restarted), or None when the interface is absent."""
-    base = root / "sys/class/net" / interface
-    try:
-        values = [int((base / "statistics" / name).read_text()) for name in _KERNEL_FILES]
-        ifindex = (base / "ifindex").read_text().strip()
-    except (OSError, ValueError):
-        return None
-    try:
-        boot = (root / "proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot = ""
-    return Counters(*values), f"{boot}/{ifindex}"
+_SIM_KEY = "usage.sim"
 
 
 def _cycle_key(iccid: str) -> str:
     return f"usage.cycle_day.{iccid}"
 
 
-@dataclass(frozen=True, slots=True)
-class _Cap:
-    """The action in force for the current SIM until ``until`` (end of its period)."""
+def _sim_key(slot: str) -> str:
+    """The meta key of a slot's SIM in use."""
+    return _SIM_KEY if slot == SLOT else f"{_SIM_KEY}.{slot}"
 
-    action: str | None
-    until: float
-    reason: str
+
+def _load_sims(store: Store) -> dict[str, str]:
+    """Each slot's SIM in use, as persisted."""
+    return {SLOT if key == _SIM_KEY else key.removeprefix(f"{_SIM_KEY}."): iccid
+            for key, iccid in store.meta_items(_SIM_KEY).items()
+            if key == _SIM_KEY or key.startswith(f"{_SIM_KEY}.")}
 
 
 class UsageMeter:
@@ -114,71 +92,105 @@ class UsageMeter:
         self._store = store
         self._outbox = outbox
         self._save_interval = save_interval
-        self._saved: dict[str, float] = {}  # source: when its counters were last committed
-        # source: the newest reading not committed yet (iccid, counters, epoch)
-        self._pending: dict[str, tuple[str, Counters, str]] = {}
+        # (slot, source): when its counters were last committed
+        self._saved: dict[tuple[str, str], float] = {}
+        # (slot, source): the newest reading not committed yet (iccid, counters, epoch)
+        self._pending: dict[tuple[str, str], tuple[str, Counters, str]] = {}
         self._events = events
         self._cfg = cfg
         self._tz = ZoneInfo(cfg.timezone)
         self._plans = {plan.iccid: plan for plan in cfg.plan}
         self._clock = clock
-        self._cap = _Cap(None, 0.0, "")
+        self._caps = Caps(cfg, clock)
         self._cache: dict[str, tuple[float, dict[str, Any]]] = {}  # iccid: (valid until, report)
         self._generation = 0  # bumped by every change of the cache
         self._cache_lock = threading.Lock()
-        rows = store.query("SELECT value FROM meta WHERE key = 'usage.sim'")
-        self.sim: str | None = rows[0][0] if rows else None
+        # slot: its SIM in use (replaced, never changed in place: the loop reads it)
+        self.sims: dict[str, str] = _load_sims(store)
         # iccid: its last report queued on ``usage``, else as of the start (replaced, never
         # changed in place: the loop reads it while publish() runs in the store's thread)
         self.reported: dict[str, dict[str, Any]] = {}
-        if self.sim is not None:
+        in_use = sorted(self._in_use())
+        if in_use:
             with store.transaction() as db:
-                self._evaluate(_query(db), self.sim, clock())
-            self.reported = {self.sim: self.report(self.sim)}
+                for iccid in in_use:
+                    self._evaluate(_query(db), iccid, clock())
+            self.reported = {iccid: self.report(iccid) for iccid in in_use}
+
+    def _in_use(self) -> set[str]:
+        """The SIMs in use, in any slot."""
+        return set(self.sims.values())
 
     # -- counting ------------------------------------------------------------------------------
 
     def observe(self, iccid: str, source: str, counters: Counters, *, epoch: str = "",
-                save: bool = False) -> None:
-        """Account one reading of cumulative counters for the SIM in use (committed at once
-        when ``save``, else as the module doc says)."""
+                save: bool = False, slot: str = SLOT) -> None:
+        """Account one reading of cumulative counters from the modem in ``slot``, whose SIM is
+        ``iccid`` (committed at once when ``save``, else as the module doc says)."""
         values = dataclasses.astuple(counters)
-        if source not in SOURCES or any(not isinstance(v, int) or v < 0 for v in values):
-            raise ValueError(f"bad usage reading from {source!r}: {counters}")
+        if (source not in SOURCES or not slot or "@" in slot
+                or any(not isinstance(v, int) or v < 0 for v in values)):
+            raise ValueError(f"bad usage reading from {source!r} of {slot!r}: {counters}")
         iccid = canonical_iccid(iccid)
+        if iccid != self.sims.get(slot):
+            self._flush(slot)  # what the SIM leaving used, not committed yet, is its own
+        self._account(iccid, (slot, source), counters, epoch, save=save, claim=True)
+
+    def _account(self, iccid: str, key: tuple[str, str], counters: Counters, epoch: str, *,
+                 save: bool, claim: bool) -> None:
+        """Count a reading of ``key`` (slot, source) for ``iccid``; when ``claim``, the SIM
+        becomes the slot's SIM in use (else: a reading put off, committed to its SIM)."""
+        slot, source = key
+        row_key, values = counter_row(slot, source), dataclasses.astuple(counters)
         now = self._clock()
         start, _ = self.period(iccid, now)
-        may_wait = (not save and not self._store.in_transaction()
-                    and now - self._saved.get(source, -math.inf) < self._save_interval)
+        in_use = iccid == self.sims.get(slot)
+        may_wait = (not save and in_use and not self._store.in_transaction()
+                    and now - self._saved.get(key, -math.inf) < self._save_interval)
         try:
             with self._store.transaction() as db:
                 row = db.execute(
                     "SELECT epoch, tx_bytes, rx_bytes, tx_packets, rx_packets FROM usage_counter"
                     " WHERE source = ?",
-                    (source,),
+                    (row_key,),
                 ).fetchone()
-                if row is not None and row == (epoch, *values) and iccid == self.sim:
+                if row is not None and row == (epoch, *values) and in_use:
                     return  # nothing moved: no write (the SD card thanks us)
                 fresh = row is None or row[0] != epoch
-                _count(db, (iccid, start.isoformat(), source), epoch, values,
-                       values if fresh else row[1:])
+                count(db, row_key, (iccid, start.isoformat(), source), epoch=epoch, values=values,
+                      last=values if fresh else row[1:])
                 counted = db.total_changes
                 self._close_previous(db, iccid, start, now)
-                if iccid != self.sim:
-                    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('usage.sim', ?)",
-                               (iccid,))
+                if claim and not in_use:
+                    self._claim(db, slot, iccid)
                 self._evaluate(_query(db), iccid, now)
-                if may_wait and not fresh and iccid == self.sim and db.total_changes == counted:
+                if may_wait and not fresh and db.total_changes == counted:
                     raise _Later(self._report(_query(db), iccid, now))
-                self._store.after_commit(lambda: self._committed(source, now))
+                self._store.after_commit(lambda: self._committed(key, now))
         except _Later as later:  # rolled back: kept in memory until the next save
-            self._pending[source] = (iccid, counters, epoch)
+            self._pending[key] = (iccid, counters, epoch)
             self._remember(iccid, later.report)
-        self.sim = iccid
+        if claim and not in_use:
+            self.sims = {**{s: i for s, i in self.sims.items() if i != iccid}, slot: iccid}
 
-    def _committed(self, source: str, now: float) -> None:
-        self._saved[source] = now
-        self._pending.pop(source, None)
+    def _claim(self, db: Any, slot: str, iccid: str) -> None:
+        """Persist ``iccid`` as the slot's SIM in use, and no more in any other slot."""
+        for other, sim in self.sims.items():
+            if sim == iccid and other != slot:
+                db.execute("DELETE FROM meta WHERE key = ?", (_sim_key(other),))
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                   (_sim_key(slot), iccid))
+
+    def _flush(self, slot: str | None = None) -> None:
+        """Commit the readings put off (of ``slot``, else all), each to the SIM it was read
+        for."""
+        for key, (iccid, counters, epoch) in list(self._pending.items()):
+            if slot in (None, key[0]):
+                self._account(iccid, key, counters, epoch, save=True, claim=False)
+
+    def _committed(self, key: tuple[str, str], now: float) -> None:
+        self._saved[key] = now
+        self._pending.pop(key, None)
 
     def _close_previous(self, db: Any, iccid: str, start: datetime, now: float) -> None:
         """On the first reading of a new period, publish the final report of the last one."""
@@ -205,7 +217,7 @@ class UsageMeter:
 
     def set_plan(self, iccid: str, plan_bytes: int | None, cycle_day: int | None = None) -> None:
         """Override a SIM's plan (None: back to config) and, when given, its billing cycle day
-        (1-28); persisted; re-checks its caps."""
+        (1-28); persisted; re-checks its caps when it is in use in any slot."""
         iccid = canonical_iccid(iccid)
         if cycle_day is not None and not 1 <= cycle_day <= 28:
             raise ValueError(f"cycle_day must be 1-28, not {cycle_day}")
@@ -217,10 +229,10 @@ class UsageMeter:
             if cycle_day is not None:
                 db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                            (_cycle_key(iccid), str(cycle_day)))
-            if iccid == self.sim:
+            if iccid in self._in_use():
                 self._evaluate(_query(db), iccid, self._clock())
-            else:
-                self._store.after_commit(lambda: self._remember(iccid, None))
+            else:  # its cap, if known, is stale: cap() reads it from its report again
+                self._store.after_commit(lambda: self._forget(iccid))
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -229,24 +241,24 @@ class UsageMeter:
         return self._report(self._store.query, canonical_iccid(iccid), now or self._clock())
 
     def reports(self, iccids: Iterable[str | None]) -> list[dict[str, Any]]:
-        """The current report of each of ``iccids`` and of the SIM in use, by ICCID, from
+        """The current report of each of ``iccids`` and of every SIM in use, by ICCID, from
         memory: a SIM's report is read from the store once, then refreshed when its usage or
         plan changes (:meth:`observe`, :meth:`set_plan`, :meth:`publish`) or its period ends.
         Cheap enough for every runtime row; the reports are shared: do not modify them."""
         now = self._clock()
-        wanted = {canonical_iccid(i) for i in iccids if i} | ({self.sim} if self.sim else set())
-        out = []
-        for iccid in sorted(wanted):
-            with self._cache_lock:
-                cached, generation = self._cache.get(iccid), self._generation
-            if cached is None or now >= cached[0]:
-                report = self._report(self._store.query, iccid, now)
-                cached = (period_end(report), report)
-                with self._cache_lock:  # unless a fresher one came meanwhile
-                    if self._generation == generation:
-                        self._cache[iccid] = cached
-            out.append(cached[1])
-        return out
+        wanted = {canonical_iccid(i) for i in iccids if i} | self._in_use()
+        return [self._cached(iccid, now) for iccid in sorted(wanted)]
+
+    def _cached(self, iccid: str, now: float) -> dict[str, Any]:
+        with self._cache_lock:
+            cached, generation = self._cache.get(iccid), self._generation
+        if cached is None or now >= cached[0]:
+            report = self._report(self._store.query, iccid, now)
+            cached = (period_end(report), report)
+            with self._cache_lock:  # unless a fresher one came meanwhile
+                if self._generation == generation:
+                    self._cache[iccid] = cached
+        return cached[1]
 
     def _remember(self, iccid: str, report: dict[str, Any] | None) -> None:
         """After a commit: the SIM's current report (None: read it again when asked)."""
@@ -257,16 +269,24 @@ class UsageMeter:
             else:
                 self._cache[iccid] = (period_end(report), report)
 
-    def publish(self) -> list[str]:
-        """Queue a ``usage`` report for each SIM with usage in its current period (and the SIM
-        in use); returns the reading ids."""
-        for source, (iccid, counters, epoch) in list(self._pending.items()):
-            self.observe(iccid, source, counters, epoch=epoch, save=True)
+    def _forget(self, iccid: str) -> None:
+        self._remember(iccid, None)
+        self._caps.set(iccid, None)
+
+    def publish(self, only: Iterable[str] | None = None) -> list[str]:
+        """Queue a ``usage`` report for each SIM with usage in its current period (and each
+        SIM in use), or for the SIMs ``only`` names; returns the reading ids."""
+        self._flush()
         now = self._clock()
-        iccids = {row[0] for row in self._store.query("SELECT DISTINCT iccid FROM usage_period")}
-        fresh = {iccid: self.report(iccid, now)
-                 for iccid in sorted(iccids | ({self.sim} if self.sim else set()))}
-        reports = [r for iccid, r in fresh.items() if r["counters"] or iccid == self.sim]
+        in_use = self._in_use()
+        if only is not None:
+            iccids = {canonical_iccid(i) for i in only}
+            in_use = iccids
+        else:
+            iccids = {row[0] for row in
+                      self._store.query("SELECT DISTINCT iccid FROM usage_period")}
+        fresh = {iccid: self.report(iccid, now) for iccid in sorted(iccids | in_use)}
+        reports = [r for iccid, r in fresh.items() if r["counters"] or iccid in in_use]
         ids = self._publish(reports, now)
         for iccid, report in fresh.items():
             self._remember(iccid, report)
@@ -315,67 +335,33 @@ class UsageMeter:
         plan = self._plans.get(iccid)
         return plan.plan_bytes if plan else self._cfg.plan_bytes
 
-    # -- caps ----------------------------------------------------------------------------------
+    # -- caps (agent.usage.caps) -----------------------------------------------------------------
 
     def _evaluate(self, query: Query, iccid: str, now: float) -> None:
-        """Fire thresholds not yet fired this period (inside the caller's transaction) and
-        set the action in force."""
+        """Fire the SIM's thresholds not yet fired this period (inside the caller's
+        transaction) and set its cap."""
         report = self._report(query, iccid, now)
         self._store.after_commit(lambda: self._remember(iccid, report))
-        plan, billed = report["plan_bytes"], report["billed_estimate"]
-        crossed = [t for t in self._cfg.thresholds if plan and billed >= t.share * plan]
-        period = report["period"]["start"]
-        fired = {
-            row[0]
-            for row in query(
-                "SELECT share FROM usage_alert WHERE iccid = ? AND period = ?", (iccid, period)
-            )
-        }
-        for threshold in crossed:
-            if threshold.share in fired:
-                continue
-            query(
-                "INSERT INTO usage_alert (iccid, period, share) VALUES (?, ?, ?)",
-                (iccid, period, threshold.share),
-            )
-            self._events.emit(
-                "usage-threshold",
-                iccid=iccid,
-                period=report["period"],
-                threshold=threshold.share,
-                action=threshold.action,
-                billed_estimate=billed,
-                plan_bytes=plan,
-            )
-        until = period_end(report)
-        if not crossed:
-            self._cap = _Cap(None, until, "")
-            return
-        worst = max(crossed, key=lambda t: SEVERITY[t.action])
-        reason = (
-            f"plan cap: SIM {iccid} has used {report['share_used']:.0%} of its {plan} bytes;"
-            f" readings refused until {report['period']['end']}"
-        )
-        self._cap = _Cap(worst.action, until, reason)
+        fire(query, self._events, report, self._cfg.thresholds)
+        self._caps.set(iccid, cap_of(report, self._cfg.thresholds))
 
-    def _action(self) -> _Cap:
-        if self._clock() >= self._cap.until:  # a new period starts with nothing used
-            self._cap = _Cap(None, self._cap.until, "")
-        return self._cap
+    def cap(self, iccid: str) -> str | None:
+        """The action in force for the SIM: None, ``event``, ``throttle`` or ``stop`` (as last
+        evaluated, else from its report: nothing fires)."""
+        iccid = canonical_iccid(iccid)
+        now = self._clock()
+        known = self._caps.get(iccid) or cap_of(self._cached(iccid, now), self._cfg.thresholds)
+        return known.at(now)
 
     def allowed(self, topic: str, priority: int) -> bool:
-        """May the uplink send this reading now? Under ``throttle`` or ``stop``, only critical
-        ones: priority >= ``throttle_min_priority`` or a topic in ``critical_topics``."""
-        if self._action().action not in ("throttle", "stop"):
-            return True
-        return priority >= self._cfg.throttle_min_priority or any(
-            topic == t or topic.startswith(f"{t}/") for t in self._cfg.critical_topics
-        )
+        """May the uplink send this reading now? Under ``throttle`` or ``stop`` on every SIM
+        in use, only critical ones (:meth:`agent.usage.caps.Caps.allowed`)."""
+        return self._caps.allowed(self.sims.values(), topic, priority)
 
     def accepting(self) -> str | None:
-        """The ingest gate: None, or why new readings are refused (``stop`` reached)."""
-        cap = self._action()
-        return cap.reason if cap.action == "stop" else None
+        """The ingest gate: None, or why new readings are refused (``stop`` reached by every
+        SIM in use)."""
+        return self._caps.accepting(self.sims.values())
 
 
 class _Later(Exception):
@@ -385,27 +371,6 @@ class _Later(Exception):
     def __init__(self, report: dict[str, Any]) -> None:
         super().__init__("usage commit put off")
         self.report = report
-
-
-def _count(db: Any, key: tuple[str, str, str], epoch: str, values: tuple[int, ...],
-           last: tuple[int, ...]) -> None:
-    """Add what the counters moved since ``last`` (a counter lower than before restarted:
-    counted in full) to the SIM's period ``key`` (iccid, period, source)."""
-    deltas = [v if v < old or last is values else v - old for v, old in zip(values, last,
-                                                                         strict=True)]
-    db.execute(
-        "INSERT OR REPLACE INTO usage_counter"
-        " (source, epoch, tx_bytes, rx_bytes, tx_packets, rx_packets) VALUES (?, ?, ?, ?, ?, ?)",
-        (key[2], epoch, *values),
-    )
-    db.execute(
-        "INSERT INTO usage_period (iccid, period, source, tx_bytes, rx_bytes, tx_packets,"
-        " rx_packets) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (iccid, period, source) DO UPDATE"
-        " SET tx_bytes = tx_bytes + excluded.tx_bytes, rx_bytes = rx_bytes + excluded.rx_bytes,"
-        " tx_packets = tx_packets + excluded.tx_packets,"
-        " rx_packets = rx_packets + excluded.rx_packets",
-        (*key, *deltas),
-    )
 
 
 def _query(db: Any) -> Query:

@@ -1,5 +1,5 @@
 """The SIM: PIN state (``+CPIN``), ICCID in every vendor shape, IMSI, file reads (``+CRSM``),
-PIN retry counters, hot-swap status and the subscriber number."""
+PIN retry counters, hot-swap status, the active SIM slot and the subscriber number."""
 
 from __future__ import annotations
 
@@ -190,6 +190,19 @@ def parse_qss(lines: Sequence[str]) -> SimPresence:
     if status not in _QSS:
         raise ParseError(f"unknown #QSS status {status}")
     return _QSS[status]
+
+
+def parse_sim_slot(lines: Sequence[str], prefix: str, first: int = 0, count: int = 2) -> int:
+    """The active SIM slot, 1-based, from a vendor's answer ``<prefix>: <n>[,...]`` where ``n``
+    numbers the first slot ``first`` (Quectel ``+QDSIM: 0`` is slot 1). Fields after ``n``
+    (some firmware adds one) are ignored; a missing, repeated or out-of-range ``n`` raises."""
+    found = values(lines, prefix)
+    if len(found) != 1:
+        raise ParseError(f"expected one {prefix} line, got {list(lines)!r}")
+    n = to_int(fields(found[0])[0], prefix)
+    if not first <= n < first + count:
+        raise ParseError(f"{prefix}: no SIM slot {n} (slots are {first} to {first + count - 1})")
+    return n - first + 1
 
 
 def parse_cnum(lines: Sequence[str]) -> tuple[str, ...]:

@@ -116,7 +116,7 @@ class Engine:
         sim = self.state.sim
         if not sim.present:
             raise CmeFailure(10)
-        if self.state.radio == 0 and self.personality.sim_off_at_cfun0:
+        if not self.sim_powered:
             raise CmeFailure(13)
         if unlocked and sim.lock == "pin":
             raise CmeFailure(11)
@@ -127,6 +127,36 @@ class Engine:
 
     def sim_busy_for_a_while(self) -> None:
         self.state.sim.busy_until = self.clock() + self.sim_busy_seconds
+
+    @property
+    def sim_powered(self) -> bool:
+        """False at ``+CFUN=0`` on modules that power the SIM down there (Quectel)."""
+        return self.state.radio != 0 or not self.personality.sim_off_at_cfun0
+
+    def read_sim(self) -> None:
+        """The active slot's card is read (switched to, inserted or swapped): locked as the card
+        stands, busy for a moment, then ``+CPIN`` with its state."""
+        self.state.sim.power_on()
+        self.sim_busy_for_a_while()
+        self.urc(f"+CPIN: {self.cpin_text() or 'NOT READY'}")
+
+    def select_slot(self, slot: int) -> None:
+        """Use the card in ``slot`` (1-based), as a dual-SIM single-standby modem does: the
+        old card's registration drops, the new card is read (``+CPIN``) and registers as its
+        network answers it. With the SIM powered down only the choice changes; the card is
+        read at power-up. The choice is the modem's NV setting: reboots keep it."""
+        st = self.state
+        if slot == st.active_slot:
+            return
+        st.active_slot = slot
+        if not self.sim_powered:
+            st.sim.power_on()
+            return
+        st.switching_slot = True
+        self.sync()
+        st.switching_slot = False
+        self.read_sim()
+        self.sync()
 
     def traffic(self) -> Traffic:
         """The counters, brought up to now with the configured rate."""

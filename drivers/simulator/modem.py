@@ -24,19 +24,11 @@ from types import TracebackType
 from typing import Any
 
 from drivers.simulator import sms
+from drivers.simulator.controls import Controls
 from drivers.simulator.engine import Engine
 from drivers.simulator.personalities import PERSONALITIES, Personality
 from drivers.simulator.ptyport import PtyPort
-from drivers.simulator.scenario import (
-    NETWORK_FIELDS,
-    SIGNAL_FIELDS,
-    SIM_FIELDS,
-    TEMPERATURE_FIELDS,
-    Scenario,
-    check_fields,
-    load_scenario,
-    parse_scenario,
-)
+from drivers.simulator.scenario import Scenario, load_scenario, parse_scenario
 from drivers.simulator.state import ModemState
 from drivers.simulator.steps import run_step
 
@@ -46,8 +38,9 @@ _NOISE_BYTES = bytes(b for b in range(256) if b not in (0x0D, 0x0A))
 _MAX_LINE = 4096
 
 
-class SimulatedModem:
-    """A virtual modem on a pty. ``async with SimulatedModem("quectel") as sim: sim.path``."""
+class SimulatedModem(Controls):
+    """A virtual modem on a pty. ``async with SimulatedModem("quectel") as sim: sim.path``.
+    Its world (SIM cards, network, signal...) changes through :class:`Controls`."""
 
     def __init__(
         self,
@@ -106,21 +99,6 @@ class SimulatedModem:
         self.closed = asyncio.Event()
 
     # -- set-up ------------------------------------------------------------------------------
-    def _apply_initial(self, sc: Scenario) -> None:
-        st = self.state
-        for obj, values in ((st.sim, sc.sim), (st.network, sc.network), (st.signal, sc.signal)):
-            for key, value in values.items():
-                setattr(obj, key, value)
-        st.traffic.up_bps = float(sc.traffic.get("up_bps", 0.0))
-        st.traffic.down_bps = float(sc.traffic.get("down_bps", 0.0))
-        if sc.apn is not None:
-            st.apn = sc.apn
-        if sc.temperature_c is not None:
-            st.temperature_c = sc.temperature_c
-        self.engine.power_on(radio=sc.radio)
-        for msg in sc.sms:
-            sms.receive(self.engine, msg.get("sender", "+818000000000"), msg["text"], notify=False)
-
     async def __aenter__(self) -> SimulatedModem:
         await self.start()
         return self
@@ -265,58 +243,7 @@ class SimulatedModem:
         if not self._silent():
             self._write(f"\r\n{text}\r\n".encode())
 
-    # -- runtime state changes ---------------------------------------------------------------
-    def _sync(self) -> None:
-        self.engine.sync()
-
-    def set_network(self, state: str, reject_cause: int | None = None, **fields: Any) -> None:
-        """Change the network around the modem: ``set_network("denied", reject_cause=7)``."""
-        values = check_fields({"state": state, **fields}, NETWORK_FIELDS, "network")
-        if reject_cause is not None:
-            check_fields({"reject_cause": reject_cause}, NETWORK_FIELDS, "network")
-        for key, value in values.items():
-            setattr(self.state.network, key, value)
-        self.state.network.reject_cause = reject_cause
-        self._sync()
-
-    def set_signal(self, **fields: int) -> None:
-        for key, value in check_fields(fields, SIGNAL_FIELDS, "signal").items():
-            setattr(self.state.signal, key, value)
-
-    def set_temperature(self, temperature_c: int) -> None:
-        """The module's temperature (°C), as its vendor's temperature command reports it."""
-        values = check_fields({"temperature_c": temperature_c}, TEMPERATURE_FIELDS, "temperature")
-        self.state.temperature_c = values["temperature_c"]
-
-    def set_sim(self, **fields: str) -> None:
-        """Insert, remove, lock or swap the SIM (``iccid=``/``imsi=`` give a new card)."""
-        sim = self.state.sim
-        values = check_fields(fields, SIM_FIELDS, "sim")
-        swapped = any(k in values and values[k] != getattr(sim, k) for k in ("iccid", "imsi"))
-        for key, value in values.items():
-            setattr(sim, key, value)
-        if "state" in values or swapped:
-            sim.lock = "none"
-            sim.pin_attempts = 3
-            sim.power_on()
-            self.engine.sim_busy_for_a_while()
-            self.emit_urc(f"+CPIN: {self.engine.cpin_text() or 'NOT READY'}")
-        self._sync()
-
-    def set_radio(self, fun: int) -> None:
-        if fun not in (0, 1, 4):
-            raise ValueError("fun: must be 0, 1 or 4")
-        self.state.radio = fun
-        self._sync()
-
-    def add_traffic(self, up: int, down: int) -> bool:
-        """Bytes through the data path; False (nothing counted) without an active context."""
-        return self.engine.add_traffic(up, down)
-
-    def set_traffic_rate(self, up_bps: float = 0.0, down_bps: float = 0.0) -> None:
-        self.engine.traffic()
-        self.state.traffic.up_bps, self.state.traffic.down_bps = float(up_bps), float(down_bps)
-
+    # -- runtime state changes (the others: Controls) ----------------------------------------
     def receive_sms(self, text: str, sender: str = "+818000000000") -> int | None:
         """Store an incoming SMS (``+CMTI`` per ``+CNMI``); its index, or None when full."""
         if self._silent():

@@ -32,6 +32,7 @@ class Personality:
     banner: tuple[str, ...] = ()
     cmee_default: int = 0
     sim_off_at_cfun0: bool = False  # Quectel powers the SIM down at CFUN=0
+    sim_slots: int = 1  # SIM holders; the second is chosen with the vendor's command
     extensions: Mapping[str, Handler] = field(default_factory=dict)
 
 
@@ -45,8 +46,10 @@ QUECTEL = Personality(
     banner=("RDY",),
     cmee_default=1,
     sim_off_at_cfun0=True,
+    sim_slots=2,  # EC25/EG25 dual-SIM single-standby variants: AT+QDSIM
     extensions={
         "+QCCID": vendor.qccid,
+        "+QDSIM": vendor.qdsim,
         "+QENG": vendor.qeng,
         "+QGDCNT": vendor.qgdcnt,
         "+QTEMP": vendor.qtemp,

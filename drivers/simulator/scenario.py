@@ -4,10 +4,17 @@
 {"personality": "quectel",
  "sim": {"state": "ready", "iccid": "8981100005819480014"},
  "network": {"state": "roaming"},
+ "sim2": {"iccid": "8981100005819480022", "imsi": "295050900000002"},
+ "network2": {"state": "home"},
  "steps": [{"at": 2.0, "do": "network", "state": "denied", "reject_cause": 7},
+           {"at": 4, "do": "network", "slot": 2, "state": "denied", "reject_cause": 8},
            {"at": 5, "do": "reboot"}]}
 ```
-Every error is one line naming the key and the reason (``steps[0].state: must be one of ...``).
+``sim2`` puts a card in a dual-SIM modem's second slot (left out: the slot is empty);
+``network2`` is the network as that card meets it (left out: the same as ``network``);
+``active_slot`` the slot in use at power-up. ``sim`` and ``network`` steps act on the active
+slot, or on ``slot``. Every error is one line naming the key and the reason
+(``steps[0].state: must be one of ...``).
 """
 
 from __future__ import annotations
@@ -97,11 +104,13 @@ _SMS: dict[str, _Spec] = {"sender": ((str,), None), "text": ((str,), None)}
 # range modules are specified for.
 TEMPERATURE_FIELDS: dict[str, _Spec] = {"temperature_c": ((int,), _between(-40, 125))}
 
+_SLOT: dict[str, _Spec] = {"slot": ((int,), _one_of(1, 2))}
+
 # step action -> (its fields, required fields)
 STEPS: dict[str, tuple[dict[str, _Spec], tuple[str, ...]]] = {
-    "network": (NETWORK_FIELDS, ("state",)),
+    "network": ({**NETWORK_FIELDS, **_SLOT}, ("state",)),
     "signal": (SIGNAL_FIELDS, ()),
-    "sim": (SIM_FIELDS, ()),
+    "sim": ({**SIM_FIELDS, **_SLOT}, ()),
     "radio": ({"fun": ((int,), _one_of(0, 1, 4))}, ("fun",)),
     "traffic": ({"up": ((int,), _at_least(0)), "down": ((int,), _at_least(0))}, ()),
     "traffic_rate": (_TRAFFIC, ()),
@@ -144,6 +153,9 @@ class Scenario:
     temperature_c: int | None = None
     sim: dict[str, Any] = field(default_factory=dict)
     network: dict[str, Any] = field(default_factory=dict)
+    sim2: dict[str, Any] | None = None  # None: the second slot is empty
+    network2: dict[str, Any] = field(default_factory=dict)
+    active_slot: int = 1
     signal: dict[str, Any] = field(default_factory=dict)
     traffic: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, Any] = field(default_factory=dict)
@@ -183,6 +195,9 @@ _TOP: dict[str, _Spec] = {
     **TEMPERATURE_FIELDS,
     "sim": ((dict,), None),
     "network": ((dict,), None),
+    "sim2": ((dict,), None),
+    "network2": ((dict,), None),
+    "active_slot": _SLOT["slot"],
     "signal": ((dict,), None),
     "traffic": ((dict,), None),
     "timing": ((dict,), None),
@@ -200,6 +215,7 @@ def parse_scenario(data: object) -> Scenario:
         for name, spec in (
             ("sim", SIM_FIELDS),
             ("network", NETWORK_FIELDS),
+            ("network2", NETWORK_FIELDS),
             ("signal", SIGNAL_FIELDS),
             ("traffic", _TRAFFIC),
             ("timing", _TIMING),
@@ -224,10 +240,13 @@ def parse_scenario(data: object) -> Scenario:
         specs, required = STEPS[action]
         steps.append(Step(float(at), action, check_fields(body, specs, where, required)))
     steps.sort(key=lambda s: s.at)
+    sim2 = top.get("sim2")
     return Scenario(
         personality=top.get("personality"),
         seed=top.get("seed"),
         radio=top.get("radio", 1),
+        sim2=None if sim2 is None else check_fields(sim2, SIM_FIELDS, "sim2"),
+        active_slot=top.get("active_slot", 1),
         apn=top.get("apn"),
         temperature_c=top.get("temperature_c"),
         sms=messages,

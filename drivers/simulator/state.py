@@ -1,14 +1,14 @@
-"""Everything the simulated modem remembers: SIM, network, radio, PDP, counters, SMS,
+"""Everything the simulated modem remembers: SIM slots, network, radio, PDP, counters, SMS,
 temperature.
 
 Plain dataclasses; the rules that change them live in the engine and the handlers.
 ``power_on()`` gives the state a modem has right after (re)boot, keeping what survives a
-reboot (the SIM card, the network around it, stored SMS).
+reboot (the SIM cards, the network around them, the selected slot, stored SMS).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SIM_STATES = ("ready", "pin-required", "puk-required", "absent")
 NETWORK_STATES = ("home", "roaming", "searching", "denied", "not-registered")
@@ -62,6 +62,23 @@ class Network:
     band: int = 1
     bandwidth: int = 5  # 0..5 = 1.4/3/5/10/15/20 MHz (Quectel and SIMCom code)
     tz_quarters: int = 36  # JST, +9 h
+
+
+@dataclass
+class SimSlot:
+    """One SIM holder: the card in it and the network as that card meets it (its operator, its
+    registration, its reject cause: a suspended card is refused where another is welcome)."""
+
+    sim: Sim = field(default_factory=Sim)
+    network: Network = field(default_factory=Network)
+
+
+def second_slot(network: Network) -> SimSlot:
+    """A dual-SIM modem's second holder as shipped: empty (a scenario's ``sim2`` inserts a
+    card, this identity unless it says otherwise), under the same ``network`` as the first."""
+    card = Sim(state="absent", iccid="8981100005819480022", imsi="295050912345679",
+               msisdn="+818012345679")
+    return SimSlot(card, replace(network))
 
 
 @dataclass
@@ -124,8 +141,8 @@ class Sms:
 
 @dataclass
 class ModemState:
-    sim: Sim = field(default_factory=Sim)
-    network: Network = field(default_factory=Network)
+    slots: list[SimSlot] = field(default_factory=lambda: [SimSlot()])
+    active_slot: int = 1  # 1-based; a vendor setting kept in NV, so it survives reboots
     signal: Signal = field(default_factory=Signal)
     traffic: Traffic = field(default_factory=Traffic)
     sms: dict[int, Sms] = field(default_factory=dict)
@@ -146,6 +163,17 @@ class ModemState:
     cmgf: int = 0
     cnmi: tuple[int, int] = (2, 1)
     sms_storage: str = "ME"
+    switching_slot: bool = False  # between dropping the old card and reading the new one
+
+    @property
+    def sim(self) -> Sim:
+        """The card in the active slot."""
+        return self.slots[self.active_slot - 1].sim
+
+    @property
+    def network(self) -> Network:
+        """The network as the active slot's card meets it."""
+        return self.slots[self.active_slot - 1].network
 
     def power_on(self, now: float, cmee_default: int, radio: int = 1) -> None:
         self.sim.power_on()
@@ -165,7 +193,8 @@ class ModemState:
 
     def reg_stat(self) -> int:
         """The 27.007 registration <stat> the modem reports now."""
-        if self.radio != 1 or not self.sim.unlocked or self.cops_deregistered:
+        if (self.radio != 1 or not self.sim.unlocked or self.cops_deregistered
+                or self.switching_slot):
             return 0
         return STAT_CODE[self.network.state]
 

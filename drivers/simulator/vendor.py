@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from drivers.simulator.std import _value
 from drivers.simulator.syntax import AtFailure, Command, Form, int_arg
 
 if TYPE_CHECKING:
@@ -28,6 +29,15 @@ def ciccid(engine: Engine, cmd: Command) -> list[str]:
 
 def ccid(engine: Engine, cmd: Command) -> list[str]:
     return [f"+CCID: {_iccid(engine, cmd)}"]
+
+
+def qdsim(engine: Engine, cmd: Command) -> list[str]:
+    """``AT+QDSIM`` (Quectel, "Select (U)SIM card"): ``+QDSIM: <n>``, 0 the first slot, 1 the
+    second; setting it switches cards (``Engine.select_slot``)."""
+    lines, n = _value("+QDSIM", engine.state.active_slot - 1, cmd, range(len(engine.state.slots)))
+    if cmd.form is Form.SET:
+        engine.select_slot(n + 1)
+    return lines
 
 
 def qeng(engine: Engine, cmd: Command) -> list[str]:
