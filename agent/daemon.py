@@ -40,7 +40,7 @@ from agent.modem.ports import ModemPorts
 from agent.modem.session import Observe
 from agent.sim import decommission
 from agent.sim.keeper import SimKeeper
-from agent.sim.keepers import SimKeepers
+from agent.sim.keepers import SimKeepers, keeper_from_config
 from agent.telemetry.events import Events
 from agent.telemetry.health import HealthReporter
 from agent.telemetry.ingest import IngestServer
@@ -139,8 +139,9 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
                                       and not decommissioner.active)
         changed.set()
 
-    keepers = SimKeepers(lambda index: SimKeeper.from_config(
-        cfg, store, events.emit, index=index, clock=clock, on_change=gates_changed))
+    keepers = SimKeepers(lambda index: keeper_from_config(
+        cfg, store, events.emit, index=index, clock=clock, on_change=gates_changed,
+        capped=lambda iccid: usage.cap(iccid) in ("throttle", "stop")))
     at_console = AtConsole(cfg.commands.at_allow, keepers, emit=events.emit,
                            decommissioned=lambda: decommissioner.active)
 

@@ -45,8 +45,10 @@ def test_reference_config_documents_every_key() -> None:
             continue
         cls = type(getattr(parse('device_id = "x"'), section_name))
         for f in dataclasses.fields(cls):
-            pattern = rf"^#? ?({f.name} = |\[\[{section_name}\.{f.name}\]\])"
+            pattern = rf"^#? ?({f.name} = |\[\[?{section_name}\.{f.name}\]\]?)"
             assert re.search(pattern, text, re.M), f"{section_name}.{f.name}"
+    for f in dataclasses.fields(config.DualSimConfig):
+        assert re.search(rf"^# {f.name} = ", text, re.M), f"modem.dual_sim.{f.name}"
     for f in dataclasses.fields(config.Plan):
         assert re.search(rf"^# {f.name} = ", text, re.M), f"usage.plan.{f.name}"
 

@@ -8,7 +8,8 @@ import pytest
 
 from agent.core.config import ConfigError, parse
 from agent.core.store import Store
-from agent.sim.keeper import SimKeeper, default_probe
+from agent.sim.keeper import default_probe
+from agent.sim.keepers import keeper_from_config
 
 
 def test_defaults() -> None:
@@ -73,7 +74,7 @@ def test_keeper_from_config(tmp_path: Path) -> None:
                 f'[lifecycle]\nprobe = "tcp"\n[store]\npath = "{tmp_path}/db"')
     store = Store(cfg.store.path)
     try:
-        keeper = SimKeeper.from_config(cfg, store, lambda *_a, **_k: "")
+        keeper = keeper_from_config(cfg, store, lambda *_a, **_k: "")
         assert keeper.cfg is cfg.lifecycle
         assert default_probe(cfg.lifecycle, cfg.uplink) is not None
     finally:

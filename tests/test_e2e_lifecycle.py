@@ -148,14 +148,15 @@ async def lifecycle_rig(
     tmp_path: Path, broker: Broker, *, extra: str | Callable[[SimulatedModem], str] = "",
     register_timeout: float = 2,
     wall: float | None = None, before: Callable[[SimulatedModem], None] | None = None,
+    scenario: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[LifecycleAgent, SimulatedModem, Subscriber]]:
-    """The simulator (``before`` may set it up), the agent started, and a subscriber to every
-    topic of the device. ``extra``: config lines after ``[lifecycle]``'s, or a function of the
-    simulator that makes them."""
+    """The simulator (its ``scenario``; ``before`` may set it up), the agent started, and a
+    subscriber to every topic of the device. ``extra``: config lines after ``[lifecycle]``'s,
+    or a function of the simulator that makes them."""
     link = tmp_path / "modem"
     sub = Subscriber(broker.port, f"simkeeper/{DEVICE}/#")
     try:
-        async with SimulatedModem("quectel", link=link, boot_seconds=0.2,
+        async with SimulatedModem("quectel", scenario, link=link, boot_seconds=0.2,
                                   sim_busy_seconds=0.1) as sim:
             if before is not None:
                 before(sim)

@@ -37,7 +37,7 @@ from agent.core.checks import (
     topic_name,
 )
 from agent.core.metrics_config import MetricsConfig, metrics_table
-from agent.core.modem_config import ModemConfig, check_modem
+from agent.core.modem_config import DualSimConfig, ModemConfig, check_modem
 from agent.core.readings import PRIORITY_MAX, PRIORITY_MIN
 from agent.core.uplink_config import MIB, UplinkConfig, check_uplink
 
@@ -50,6 +50,7 @@ __all__ = [  # ConfigError and canonical_iccid come from agent.core.checks
     "Config",
     "ConfigError",
     "ConformanceConfig",
+    "DualSimConfig",
     "HealthConfig",
     "IngestConfig",
     "LifecycleConfig",

@@ -16,12 +16,14 @@ from agent.core.checks import (
     Check,
     ConfigError,
     bad,
+    boolean,
     int_between,
     list_of,
     matches,
     number_between,
     one_of,
     spec,
+    table,
 )
 
 MAX_MODEMS = 8
@@ -57,6 +59,26 @@ def _nth(value: str | tuple[str, ...] | None, index: int) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class DualSimConfig:
+    """``[modem.dual_sim]``: the switch policy of a modem with two SIM slots and one radio
+    (agent.sim.dual_sim). Times in seconds."""
+
+    enabled: bool = field(default=False, metadata=spec(boolean))
+    primary: int = field(default=1, metadata=spec(int_between(1, 2)))  # the backup: the other
+    # the primary unregistered this long (searching, denied without a permanent cause): backup
+    no_registration: float = field(default=600.0, metadata=spec(number_between(10, 86400)))
+    # at least this long on a SIM before the next switch (no flapping)
+    min_dwell: float = field(default=900.0, metadata=spec(number_between(0, 86400)))
+    # on the backup, the primary is tried again this often (cap: at its next period)
+    recheck: float = field(default=3600.0, metadata=spec(number_between(10, 7 * 86400)))
+    # how long a SIM switched to gets to register (or be activated) before going back
+    switch_timeout: float = field(default=180.0, metadata=spec(number_between(5, 3600)))
+    # a standby SIM awaiting activation is activated this long before its deadline
+    standby_lead: float = field(default=3 * 86400.0,
+                                metadata=spec(number_between(60, 366 * 86400)))
+
+
+@dataclass(frozen=True, slots=True)
 class ModemConfig:
     port: str | tuple[str, ...] = field(default="auto", metadata=spec(one_or_list(_PORT)))
     baud: int = field(default=115200, metadata=spec(int_between(300, 4_000_000)))
@@ -69,6 +91,8 @@ class ModemConfig:
                                                         metadata=spec(one_or_list(_NM)))
     # how often a modem session reads the modem (state, signal, counters), seconds
     poll_interval: float = field(default=60.0, metadata=spec(number_between(1, 86400)))
+    dual_sim: DualSimConfig = field(default_factory=DualSimConfig,
+                                    metadata=spec(table(DualSimConfig)))
 
     @property
     def ports(self) -> tuple[str, ...]:

@@ -41,18 +41,18 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.config import (
-    Config,
     ConformanceConfig,
     LifecycleConfig,
     UplinkConfig,
     canonical_iccid,
 )
-from agent.core.modem_config import slot_name
+from agent.core.modem_config import DualSimConfig
 from agent.core.store import Store
 from agent.core.trusted_time import TrustedClock, load_anchor, save_anchor
 from agent.sim.activation import Activator, Probe, default_probe
 from agent.sim.activation_loop import ActivationLoop
 from agent.sim.conformance import ConformanceError, Format
+from agent.sim.dual_sim import DualSim
 from agent.sim.lifecycle import LifecycleError, LifecycleRepository, Readings, Scope
 from agent.sim.network_watch import NetworkWatch
 from agent.sim.notes import KeeperStore
@@ -101,6 +101,8 @@ class SimKeeper:
         slot: str = "modem",
         register_poll: float = 2.0,
         nm_radio: bool = True,
+        dual_sim: DualSimConfig | None = None,
+        capped: Callable[[str], bool] = lambda _iccid: False,
     ) -> None:
         self.cfg = lc = lifecycle or LifecycleConfig()
         conf = conformance or ConformanceConfig()
@@ -127,6 +129,8 @@ class SimKeeper:
                               nm_radio=nm_radio),
             emit=self._emit, mono=mono, slot=slot, on_swap=self._swapped)
         self._network = NetworkWatch(self._sim, activator, self._backoff, self._wake, mono)
+        self.dual = (DualSim(dual_sim, self._sim, slot=slot, capped=capped, mono=mono)
+                     if dual_sim is not None and dual_sim.enabled else None)
         self._activation = ActivationLoop(self._sim, activator, self._backoff,
                                           network=self._network, wake=self._wake,
                                           maintain=self._maintain)
@@ -134,21 +138,6 @@ class SimKeeper:
         self._task: asyncio.Task[None] | None = None
         self.slot = slot  # which modem's SIM slot (agent.sim.keepers names them)
         self.last_error: str | None = None  # the last modem error of a round
-
-    @classmethod
-    def from_config(cls, cfg: Config, store: Store, emit: Callable[..., Any], *,
-                    index: int = 0, **kwargs: Any) -> SimKeeper:
-        """The keeper of the ``index``-th modem's slot. With several modems, NetworkManager
-        is told only of the modem's own connection, never ``radio wwan`` (every modem's); a
-        later modem with no connection named is held by AT commands only."""
-        kwargs.setdefault("uplink", cfg.uplink)
-        data_path, connection = cfg.modem.data_path, cfg.modem.nm_connection_for(index)
-        if index > 0 and data_path == "networkmanager" and connection is None:
-            data_path = "agent"
-        return cls(store, emit, lifecycle=cfg.lifecycle, conformance=cfg.conformance,
-                   operator_key=cfg.commands.operator_key, data_path=data_path,
-                   nm_connection=connection, nm_radio=not cfg.modem.several,
-                   slot=slot_name(index), **kwargs)
 
     @property
     def next_delay(self) -> float | None:  # the last backoff delay chosen
@@ -182,6 +171,8 @@ class SimKeeper:
                           channel.add_hang_listener(self.note_hang),
                           channel.add_urc_listener(self._on_urc)]
         self._sim.setup_needed = True
+        if self.dual is not None:
+            self.dual.attached()
         self._kick()
 
     def detach(self) -> None:
@@ -230,12 +221,18 @@ class SimKeeper:
 
     async def _round(self, modem: Modem) -> None:
         await self._maintain(modem)
+        if self.dual is not None and await self.dual.step(modem):
+            self._swapped()  # the other SIM: read it next round (a barred one probed at once)
+            self._network.probe_at = 0.0 if self.dual.errand == "probe" else None
+            raise Interrupted
         sim = self._sim
         lc = sim.lc
         if lc is None:
             return
         if sim.wants_activation():
             await self._activation.run(modem)
+            if self.dual is not None and self.dual.errand == "activate":
+                raise Interrupted  # a standby SIM's errand: back to the primary at once
         elif sim.network_barred() and sim.may_emit()[0]:
             await self._network.barred(modem)
         elif lc.state == "active" and sim.may_emit()[0]:

@@ -24,8 +24,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from agent.core.config import canonical_iccid
+from agent.core.config import Config, canonical_iccid
 from agent.core.modem_config import slot_name
+from agent.core.store import Store
 from agent.sim.conformance import Format
 from agent.sim.keeper import ORDER_WAIT, KeeperError, SimKeeper
 from agent.sim.lifecycle import Readings, Scope
@@ -35,6 +36,21 @@ Spawn = Callable[[str, Callable[[], Coroutine[Any, Any, None]]], None]
 
 def task_name(index: int) -> str:
     return "sim keeper" if index == 0 else f"sim keeper {slot_name(index)}"
+
+
+def keeper_from_config(cfg: Config, store: Store, emit: Callable[..., Any], *, index: int = 0,
+                       **kwargs: Any) -> SimKeeper:
+    """The keeper of the ``index``-th modem's slot. With several modems, NetworkManager is told
+    only of the modem's own connection, never ``radio wwan`` (every modem's); a later modem with
+    no connection named is held by AT commands only."""
+    kwargs.setdefault("uplink", cfg.uplink)
+    data_path, connection = cfg.modem.data_path, cfg.modem.nm_connection_for(index)
+    if index > 0 and data_path == "networkmanager" and connection is None:
+        data_path = "agent"
+    return SimKeeper(store, emit, lifecycle=cfg.lifecycle, conformance=cfg.conformance,
+                     operator_key=cfg.commands.operator_key, data_path=data_path,
+                     nm_connection=connection, nm_radio=not cfg.modem.several,
+                     slot=slot_name(index), dual_sim=cfg.modem.dual_sim, **kwargs)
 
 
 class SimKeepers:
@@ -206,7 +222,8 @@ class SimKeepers:
         for keeper in self.keepers:
             mine = keeper.summaries()
             if mine and mine[0]["current"]:
-                current.append({**mine[0], "slot": keeper.slot})
+                dual = keeper.dual.summary() if keeper.dual is not None else None
+                current.append({**mine[0], "slot": keeper.slot, "dual_sim": dual})
         held = {s["iccid"] for s in current}
         rest = [{**s, "current": False, "slot": None}
                 for s in self.first.summaries() if s["iccid"] not in held]

@@ -53,14 +53,15 @@ class SimSlot:
         self._mono = mono
         self._slot = slot
         self._on_swap = on_swap  # a new SIM: its activation starts from scratch
-        self._alarms = DeadlineAlarms(notes, emit, cfg.alarms)
+        self.alarms = DeadlineAlarms(notes, emit, cfg.alarms)
         self._manifest: dict[str, SimEntry] = {}
         self.modem: Modem | None = None  # None while no modem is attached
         self.lc: Lifecycle | None = None  # None until an ICCID was read
         # Until then, the SIM last seen in the slot: its suspension holds across a restart
         # (readings stay in the outbox until the modem says which SIM is there).
-        known = notes.get(f"iccid.{slot}")
-        self.last_seen = self.open(canonical_iccid(known)) if isinstance(known, str) else None
+        self.card = 1  # the modem's SIM slot in use (a dual-SIM modem: agent.sim.dual_sim)
+        known = self.known_in(1)
+        self.last_seen = self.open(known) if known else None
         self.setup_needed = True
         self.next_time_sync = 0.0
         self._identity: Identity | None = None
@@ -75,6 +76,21 @@ class SimSlot:
         self.known = asyncio.Event()  # set once a SIM has been read in the slot
         self.probation = Probation(cfg.probation_interval, cfg.probation_window, mono=mono)
         self.listening = False  # a listening window is open: the held radio is on
+
+    def _known_key(self, card: int) -> str:
+        return f"iccid.{self._slot}" if card == 1 else f"iccid.{self._slot}.sim{card}"
+
+    def known_in(self, card: int) -> str | None:
+        """The ICCID last read in the modem's SIM slot ``card`` (1-based), if any."""
+        known = self.notes.get(self._known_key(card))
+        return canonical_iccid(known) if isinstance(known, str) else None
+
+    def use_card(self, card: int) -> None:
+        """The modem switched to its SIM slot ``card``: that card's SIM is the one to read
+        (not a swap: each card keeps its own last ICCID)."""
+        self.card, self.lc, self.mcc, self.reported = card, None, None, False
+        known = self.known_in(card)
+        self.last_seen = self.open(known) if known else None
 
     @property
     def iccid(self) -> str | None:
@@ -134,7 +150,7 @@ class SimSlot:
         lc = self.lc
         if lc is not None:
             lc.tick()
-            self._alarms.check(lc.record, self.clock.now())
+            self.alarms.check(lc.record, self.clock.now())
         self.judge()
         await self.enforce(modem)
 
@@ -182,7 +198,7 @@ class SimSlot:
     def _switch_to(self, iccid: str) -> None:
         new = self.open(iccid)
         self.apply_manifest(new)
-        known = self.notes.get(f"iccid.{self._slot}")
+        known = self.notes.get(self._known_key(self.card))
         old = self.lc
         if old is None and isinstance(known, str) and canonical_iccid(known) != iccid:
             old = self.open(canonical_iccid(known))
@@ -196,7 +212,7 @@ class SimSlot:
             self.reported = False  # conformance is re-run and reported for the new SIM
             self._on_swap()
         if known != iccid:
-            self.notes.put(f"iccid.{self._slot}", iccid)
+            self.notes.put(self._known_key(self.card), iccid)
         self.lc = new
         self.known.set()
 
