@@ -72,3 +72,40 @@ async def test_real_udev_monitor_starts_and_stops() -> None:
     hp.start()  # enumerates the machine's ttys: none of them is a USB modem here
     assert all(m.path.startswith("/dev/") for m in added)
     hp.stop()
+
+
+async def test_hotplugged_modems_take_the_first_free_slot() -> None:
+    """Each modem hotplug finds gets a SIM slot (its keeper, meter feed and SMS reader): the
+    first one no present modem holds, so a modem that comes back takes its slot again."""
+    from typing import Any
+
+    from agent.core.config import ModemConfig
+    from agent.core.tasks import Supervisor
+    from agent.modem.ports import ModemPorts
+
+    class Hooks:
+        def attached(self, *_args: Any) -> None: ...
+
+        def detached(self) -> None: ...
+
+    async def observe(*_args: Any) -> None: ...
+
+    asked: list[int] = []
+
+    def slot_parts(index: int) -> tuple[Hooks, Any]:
+        asked.append(index)
+        return Hooks(), observe
+
+    supervisor = Supervisor(1.0, 60.0)
+    ports = ModemPorts(ModemConfig(), supervisor, slot_parts=slot_parts,
+                       on_change=lambda: None, on_ready=lambda: None)
+    try:
+        ports.add("/dev/sk-test-a")
+        ports.add("/dev/sk-test-b")
+        ports.remove("/dev/sk-test-a")
+        ports.add("/dev/sk-test-c")  # the first modem back, on another path: slot 0 again
+        assert asked == [0, 1, 0]
+        assert sorted((m["port"], m["slot"]) for m in ports.summaries()) == [
+            ("/dev/sk-test-b", "modem2"), ("/dev/sk-test-c", "modem")]
+    finally:
+        await supervisor.stop()
