@@ -23,7 +23,7 @@ from agent.fleet.flux_bridge import GROUP, FluxBridge
 from agent.fleet.mqtt import BrokerOptions
 from agent.fleet.sign import make_envelope
 from tests.broker import WAIT, Broker, Subscriber, until
-from tests.rabbit import Rabbit, rabbitmq_server
+from tests.rabbit import Rabbit, Vhost, rabbitmq_server
 from tests.test_commands_away import _key_file, runs_when_back
 from tests.test_daemon import (
     DEVICE,
@@ -39,21 +39,32 @@ from tests.test_e2e_lifecycle import operator_key
 from tests.webhook import Webhook
 
 
-@pytest.fixture(params=["mosquitto", "rabbitmq"])
-def any_broker(request: pytest.FixtureRequest, tmp_path: Path,
-               monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    if request.param == "mosquitto":
-        yield request.getfixturevalue("broker")
-        return
+@pytest.fixture(scope="module")
+def rabbit_node(request: pytest.FixtureRequest,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabbit]:
+    """One node for the module (its Erlang VM takes seconds to start), with a virtual host for
+    each of the module's RabbitMQ tests: each has its own retained messages and sessions."""
     if rabbitmq_server() is None:
         pytest.skip("rabbitmq-server is not installed (make deps installs it)")
-    node = Rabbit(tmp_path / "rabbit")
+    tests = len([item for item in request.session.items
+                 if isinstance(item, pytest.Function) and item.module is request.module
+                 and hasattr(item, "callspec")
+                 and item.callspec.params.get("any_broker") == "rabbitmq"])
+    node = Rabbit(tmp_path_factory.mktemp("rabbit"), vhosts=max(tests, 1))
     node.start()
-    monkeypatch.setattr(Subscriber, "protocol", mqtt.MQTTv311)
     try:
         yield node
     finally:
         node.stop()
+
+
+@pytest.fixture(params=["mosquitto", "rabbitmq"])
+def any_broker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    if request.param == "mosquitto":
+        return request.getfixturevalue("broker")
+    node: Rabbit = request.getfixturevalue("rabbit_node")
+    monkeypatch.setattr(Subscriber, "protocol", mqtt.MQTTv311)
+    return node.take()
 
 
 async def test_readings_state_will_and_commands(tmp_path: Path, any_broker: Broker) -> None:
@@ -131,7 +142,7 @@ async def test_flux_bridge(tmp_path: Path, any_broker: Broker, webhook: Webhook)
     """The agent's readings reach the webhook through the bridge: a shared subscription on
     MQTT 5; on RabbitMQ (no shared subscriptions) one bridge without a group, and a group is
     refused at once, saying what it needs."""
-    rabbit = isinstance(any_broker, Rabbit)
+    rabbit = isinstance(any_broker, Vhost)
     webhook.failing = False
     if rabbit:
         refused = await _run(*SIMKEEPER, "fleet", "flux-bridge", "--webhook", webhook.url,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from drivers.simulator import PERSONALITIES
+from agent.cli.demo import DEMO_SCENARIO, paced
+from drivers.simulator import PERSONALITIES, load_scenario
 from drivers.simulator.state import Sim
 
 
@@ -84,17 +85,20 @@ def _lines(stream: queue.Queue[str | None], proc: subprocess.Popen[str]) -> None
     stream.put(None)
 
 
-TOUR_DEADLINE = 240.0  # s: the tour is over about 60 s after the start; a loaded machine
+# The tour at 0.4 of its pace (`--pace`): its steps in the same order, each still several of the
+# view's 1 s refreshes apart (the gaps between them, now 4 s and more, are what the order needs).
+PACE = 0.4
+TOUR_DEADLINE = 240.0  # s: the tour is over about 25 s after the start; a loaded machine
 
 
 @pytest.mark.timeout(TOUR_DEADLINE + 120)
 def test_demo_shows_its_tour_as_it_happens(mosquitto: str, tmp_path: Path) -> None:
-    """Headless, to the end of the tour: the SMS, the network's reject (EMM #7) and the
-    suspension it causes, the resumption, the modem reset, each shown in that order, while the
-    demo runs; then SIGTERM stops it cleanly."""
+    """Headless, to the end of the tour (at ``PACE``): the SMS, the network's reject (EMM #7)
+    and the suspension it causes, the resumption, the modem reset, each shown in that order,
+    while the demo runs; then SIGTERM stops it cleanly."""
     with (tmp_path / "stderr").open("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "demo", "--interval", "1",
-                                 "--duration", str(TOUR_DEADLINE + 60)],
+                                 "--pace", str(PACE), "--duration", str(TOUR_DEADLINE + 60)],
                                 stdout=subprocess.PIPE, stderr=err, text=True)
         stream: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=_lines, args=(stream, proc), daemon=True).start()
@@ -122,3 +126,15 @@ def test_demo_shows_its_tour_as_it_happens(mosquitto: str, tmp_path: Path) -> No
     assert seen["sms"] < seen["reject"] < seen["resumed"] < seen["reset"], seen
     assert seen["suspended"] < seen["resumed"], seen
     assert "Traceback" not in errors, errors
+
+
+def test_pace_plays_the_scenario_faster_in_the_same_order() -> None:
+    tour = load_scenario(DEMO_SCENARIO)
+    fast = paced(tour, PACE)
+    assert [(s.action, s.params) for s in fast.steps] == [(s.action, s.params) for s in tour.steps]
+    assert [s.at for s in fast.steps] == pytest.approx([s.at * PACE for s in tour.steps])
+    assert fast.timing == pytest.approx({k: v * PACE for k, v in tour.timing.items()})
+    assert tour.timing and paced(tour, 1) is tour
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--pace", "0"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "--pace: must be a number in (0, 1]" in done.stderr

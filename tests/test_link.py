@@ -249,8 +249,16 @@ async def test_daemon_through_a_cut_link_loses_no_reading(tmp_path: Path, broker
         try:
             for start in range(0, 600, 200):
                 # Held by a stall, the round cannot arrive before the cut, which loses what
-                # the agent has sent into the link by then.
-                link.stall()
+                # the agent has sent into the link by then. The stall begins with the link
+                # empty: a connection's pipe stalled holding bytes reads no more, and the
+                # agent's sending would not show before its keepalive gave up on the link.
+                def stalled_empty() -> bool:
+                    if link.up.received != link.up.delivered + link.up.lost:
+                        return False
+                    link.stall()  # on this loop, the link's: nothing moved since the check
+                    return True
+
+                await until(stalled_empty, "the link empty, then stalled")
                 sent = link.up.received
                 acked += await agent.publish(readings(start, 200))
 

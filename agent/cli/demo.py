@@ -13,6 +13,11 @@ shows as it happens, in the modem lines, the SIM lifecycle and the events the ag
 The keeper hears the network's reject from its ``+CEREG`` URC at once; the demo's agent probes
 a SIM the network barred every :data:`PROBE_INTERVAL` seconds (a gateway: every 6 hours), so the
 network's return shows within seconds too.
+
+``--pace`` plays it faster (the tests do): at ``--pace 0.4`` every time of the scenario (its
+steps' times, the modem's boot and SIM-busy times) and the probe interval are 0.4 of theirs
+(the probe no less than the 1 s the config takes), so the tour is over in about 25 s, its steps
+in the same order.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -41,6 +47,7 @@ from agent.daemon import Daemon
 from agent.fleet.localbroker import BrokerError, LocalBroker
 from agent.telemetry.batch import BatchError, decode_batch
 from drivers.simulator import SimulatedModem, load_scenario
+from drivers.simulator.scenario import Scenario
 
 DEMO_SCENARIO = Path(__file__).resolve().parents[2] / "drivers/simulator/scenarios/demo.toml"
 CLEAR = "\x1b[H\x1b[2J"
@@ -48,6 +55,7 @@ DEVICE = "demo-gw"
 APP_TOPIC = "demo/room1"
 EVENTS_SHOWN = 6
 PROBE_INTERVAL = 6.0  # s: [lifecycle] network_probe_interval, so the tour's resumption shows
+MIN_PROBE_INTERVAL = 1.0  # s: the least the config takes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,11 +64,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=2.0, help="refresh period, s (default 2)")
     parser.add_argument("--duration", type=float, default=0.0,
                         help="stop after this many seconds (0: until Ctrl-C)")
+    parser.add_argument("--pace", type=_pace, default=1.0,
+                        help="play the scenario's times (and the demo's network probe) at this"
+                        " fraction of their length, in (0, 1] (default 1: as written)")
+
+
+def _pace(text: str) -> float:
+    """``--pace``: a number in (0, 1]; 1 is the tour as a person sees it."""
+    try:
+        pace = float(text)
+    except ValueError:
+        pace = math.nan
+    if not 0 < pace <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], not {text!r}")
+    return pace
+
+
+def paced(scenario: Scenario, pace: float) -> Scenario:
+    """``scenario`` played ``1 / pace`` times as fast: its steps' times and its timing section
+    (the modem's boot and SIM-busy times) times ``pace``; a step's own durations stay."""
+    if pace == 1:
+        return scenario
+    return dataclasses.replace(
+        scenario,
+        steps=tuple(dataclasses.replace(step, at=step.at * pace) for step in scenario.steps),
+        timing={key: seconds * pace for key, seconds in scenario.timing.items()},
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        asyncio.run(demo(args.scenario, args.interval, args.duration, sys.stdout))
+        asyncio.run(demo(args.scenario, args.interval, args.duration, sys.stdout, args.pace))
     except BrokerError as exc:
         raise CliError(1, str(exc)) from None
     return 0
@@ -110,8 +144,8 @@ class _Watcher:
             return list(self.events)
 
     def close(self) -> None:
+        self._client.disconnect()  # first: it ends paho's loop at once (else a 1 s wait)
         self._client.loop_stop()
-        self._client.disconnect()
 
 
 def _event_line(reading: dict[str, Any]) -> str:
@@ -147,17 +181,19 @@ async def _sample_app(path: Path) -> None:
         writer.close()
 
 
-async def demo(scenario: Path, interval: float, duration: float, out: TextIO) -> None:
+async def demo(scenario: Path, interval: float, duration: float, out: TextIO,
+               pace: float = 1.0) -> None:
     started = time.monotonic()
+    probe = max(MIN_PROBE_INTERVAL, PROBE_INTERVAL * pace)
     with (tempfile.TemporaryDirectory(prefix="simkeeper-demo-") as tmp,
           LocalBroker(Path(tmp), ["persistence false"]) as broker):
         directory, port = Path(tmp), broker.port
         link = directory / "modem"
-        async with SimulatedModem(scenario=load_scenario(scenario), link=link):
+        async with SimulatedModem(scenario=paced(load_scenario(scenario), pace), link=link):
             cfg = config.parse(
                 f'device_id = "{DEVICE}"\n[modem]\nport = "{link}"\ndata_path = "agent"\n'
                 f"poll_interval = {interval}\n[health]\ninterval = 30.0\n"
-                f"[lifecycle]\nnetwork_probe_interval = {PROBE_INTERVAL}\n"
+                f"[lifecycle]\nnetwork_probe_interval = {probe}\n"
                 f"[uplink]\nport = {port}\nbatch_max_latency = 1.0\n"
                 "rate_messages_per_minute = 600\n"  # a lively view; the default is 60
                 f'[store]\npath = "{directory / "state/simkeeper.db"}"\n'
