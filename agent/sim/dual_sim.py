@@ -93,7 +93,7 @@ class DualSim:
     async def _on_primary(self, modem: Modem, lc: Lifecycle, now: float) -> bool:
         if self.errand == "probe":  # trying the primary again: registered in time?
             if await self._registered(modem):
-                return await self._settle(modem, "the primary SIM is usable again")
+                return self._settle("the primary SIM is usable again")
             if now - self._since < self.cfg.switch_timeout:
                 return False
             return await self._switch(modem, self.backup, "the primary SIM is still unusable",
@@ -170,7 +170,7 @@ class DualSim:
         left = self._sim.clock.time_left(lc.record.deadline)
         return left is not None and left <= self.cfg.standby_lead
 
-    async def _settle(self, modem: Modem, reason: str) -> bool:
+    def _settle(self, reason: str) -> bool:
         """Stay where the modem is (no switch): the errand is over."""
         self._save(None, None)
         self._sim.emit("sim-switch-settled", slot=self._slot, sim_slot=self._sim.card,

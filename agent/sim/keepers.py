@@ -114,19 +114,16 @@ class SimKeepers:
 
     def suspend(self, scope: Scope, until: float | None = None, reason: str = "",
                 readings: Readings = "keep", iccid: str | None = None) -> list[str]:
-        return self._each(iccid, lambda k: k.suspend(scope, until, reason, readings))
+        return _each(self.targets(iccid), lambda k: k.suspend(scope, until, reason, readings))
 
     def resume(self, reason: str = "order", iccid: str | None = None) -> list[str]:
         """Without ``iccid``: every suspended SIM (one that is not has nothing to resume)."""
-        if iccid is None and len(held := self.targets()) > 1:
-            suspended = [k for k in held if (k.summary() or {}).get("state") == "suspended"]
-            if not suspended:
+        targets = self.targets(iccid)
+        if iccid is None and len(targets) > 1:
+            targets = [k for k in targets if (k.summary() or {}).get("state") == "suspended"]
+            if not targets:
                 raise KeeperError("no SIM in this gateway's modems is suspended")
-            iccid_list = [str(k.iccid) for k in suspended]
-            for keeper in suspended:
-                keeper.resume(reason)
-            return iccid_list
-        return self._each(iccid, lambda k: k.resume(reason))
+        return _each(targets, lambda k: k.resume(reason))
 
     def activate(self, iccid: str | None = None) -> list[str]:
         """Try now. Without ``iccid``: every SIM that has something to activate."""
@@ -159,7 +156,7 @@ class SimKeepers:
         return [canonical_iccid(iccid) if iccid else str(keeper.iccid)]
 
     def decommission(self, *, announce: bool = True) -> list[str]:
-        return self._each(None, lambda k: k.decommission(announce=announce))
+        return _each(self.targets(), lambda k: k.decommission(announce=announce))
 
     def retire(self) -> None:
         for keeper in self.keepers:
@@ -177,24 +174,12 @@ class SimKeepers:
         for keeper in self.keepers:
             keeper.reload_manifest(path)
 
-    def _each(self, iccid: str | None, act: Callable[[SimKeeper], None]) -> list[str]:
-        done = []
-        for keeper in self.targets(iccid):
-            act(keeper)
-            done.append(str(keeper.iccid))
-        return done
-
     # -- gates and what it shows ---------------------------------------------------------------
 
     @property
     def iccid(self) -> str | None:
         """The first modem's SIM."""
         return self.first.iccid
-
-    @property
-    def iccids(self) -> list[str]:
-        """The SIMs in the modems now, by slot."""
-        return [k.iccid for k in self.keepers if k.iccid is not None]
 
     def telemetry_allowed(self) -> bool:
         seen = [k for k in self.keepers if k.seen]
@@ -228,3 +213,12 @@ class SimKeepers:
         rest = [{**s, "current": False, "slot": None}
                 for s in self.first.summaries() if s["iccid"] not in held]
         return current + rest
+
+
+def _each(keepers: list[SimKeeper], act: Callable[[SimKeeper], None]) -> list[str]:
+    """``act`` on each keeper; the ICCIDs acted on."""
+    done = []
+    for keeper in keepers:
+        act(keeper)
+        done.append(str(keeper.iccid))
+    return done
