@@ -4,8 +4,9 @@
 Start: the store (a decommissioned gateway refuses to start), outbox, events, usage meter,
 trusted clock, SIM keepers (one per modem, agent.sim.keepers), command processor and its inbox,
 the uplinks (MQTT; the Unified Endpoint for readings where configured), the modem sessions (each
-carries its slot's SIM keeper and an SMS command reader, and feeds the usage meter; the first
-also the AT console), health and state reports, the ingest socket; then ``READY=1``.
+carries its slot's SIM keeper and an SMS command reader, feeds the usage meter, and is
+reachable by the AT console under its slot's name), health and state reports, the ingest
+socket; then ``READY=1``.
 
 Stop (SIGTERM/SIGINT, see :mod:`agent.cli.run`), in reverse: ``STOPPING=1``; the ingest socket
 answers the lines already queued and closes; a decommission under way is cancelled; every
@@ -89,26 +90,25 @@ class Parts:
 
 class _SlotHooks:
     """What rides on a modem (agent.modem.session.SessionHooks): its slot's SIM keeper, an SMS
-    command reader, and on the first modem the AT console."""
+    command reader, and the AT console's way to it (by slot)."""
 
     def __init__(self, keeper: SimKeeper, sms: SmsCommands, supervisor: Supervisor,
-                 console: AtConsole | None, index: int) -> None:
+                 console: AtConsole, index: int) -> None:
         self._keeper = keeper
         self._sms = sms
         self._supervisor = supervisor
         self._console = console
-        self._task = "sms commands" if index == 0 else f"sms commands {slot_name(index)}"
+        self._slot = slot_name(index)
+        self._task = "sms commands" if index == 0 else f"sms commands {self._slot}"
 
     def attached(self, channel: AtChannel, profile: Profile) -> None:
         self._keeper.attach(channel, profile)
-        if self._console is not None:
-            self._console.attach(channel)
+        self._console.attach(channel, self._slot)
         self._supervisor.spawn(self._task, lambda: self._sms.serve(channel))
 
     def detached(self) -> None:
         self._keeper.detach()
-        if self._console is not None:
-            self._console.detach()
+        self._console.detach(self._slot)
         self._supervisor.cancel(self._task)
 
 
@@ -159,8 +159,7 @@ def build(cfg: Config, store: Store, *, config_path: Path | None = None,
             await store.run(lambda: usage.observe(iccid, source, counters, epoch=epoch,
                                                   slot=slot))
 
-        return _SlotHooks(keepers.slot(index), sms, supervisor,
-                          at_console if index == 0 else None, index), observe
+        return _SlotHooks(keepers.slot(index), sms, supervisor, at_console, index), observe
 
     commands = CountingProcessor(
         store, cfg.device_id, _operator_keys(cfg), clock,

@@ -26,6 +26,7 @@ from agent.commands.at_console import AtConsole, AtRefused
 from agent.core.at_allow import DEFAULT_ALLOW, fold, refusal
 from agent.core.config import ConfigError, parse
 from agent.fleet.sign import make_envelope
+from agent.sim.keepers import SimKeepers
 from drivers.errors import CommandTimeout
 from tests.broker import WAIT, Broker, Subscriber, until
 from tests.test_commands_away import _key_file, _offline, publish, results
@@ -140,8 +141,8 @@ def test_config_takes_patterns_and_refuses_bad_ones_naming_the_key() -> None:
 
 
 def _console(r: Rig, decommissioned: Callable[[], bool] = lambda: False) -> AtConsole:
-    console = AtConsole(DEFAULT_ALLOW, r.keeper, decommissioned=decommissioned,
-                        emit=r.events.emit)
+    console = AtConsole(DEFAULT_ALLOW, SimKeepers(lambda _index: r.keeper),
+                        decommissioned=decommissioned, emit=r.events.emit)
     console.attach(r.channel)
     return console
 
@@ -163,14 +164,14 @@ async def test_the_console_answers_and_refuses_on_a_real_channel(tmp_path: Path)
         await until(lambda: r.keeper.summary() is not None, what="the SIM read")
         console = _console(r, lambda: decommissioned)
         r.sim.set_signal(rssi_dbm=-61)
-        assert await console.run("at+csq") == {"command": "AT+CSQ", "lines": ["+CSQ: 26,99"],
-                                               "final": "OK"}
+        assert await console.run("at+csq") == {"command": "AT+CSQ", "slot": "modem",
+                                               "lines": ["+CSQ: 26,99"], "final": "OK"}
         assert "AT+CSQ" in r.sim.commands
-        assert r.events.of("at-command")[-1] == {"command": "AT+CSQ", "final": "OK",
-                                                 "error": None, "by": None}
+        assert r.events.of("at-command")[-1] == {"command": "AT+CSQ", "slot": "modem",
+                                                 "final": "OK", "error": None, "by": None}
         r.sim.set_sim(state="absent")  # an error result is the modem's answer, not a failure
-        assert await console.run("AT+CIMI") == {"command": "AT+CIMI", "lines": [],
-                                                "final": "+CME ERROR: 10"}
+        assert await console.run("AT+CIMI") == {"command": "AT+CIMI", "slot": "modem",
+                                                "lines": [], "final": "+CME ERROR: 10"}
         assert r.events.of("at-command")[-1]["final"] == "+CME ERROR: 10"
         r.sim.set_sim(state="ready")
 

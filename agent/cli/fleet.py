@@ -4,7 +4,7 @@ telemetry to SORACOM Flux.
     fleet keygen --out DIR                         DIR/operator.key (0600) and operator.pub
     fleet send DEVICE NAME [--arg k=v ...]         sign, publish on cmd, print the cmd/result
     fleet send --all FILE NAME [--arg k=v ...]     the same for every device listed in FILE
-    fleet at DEVICE COMMAND                        one AT command on the device's modem
+    fleet at DEVICE COMMAND [--modem SLOT|--iccid ICCID]  one AT command on a device's modem
     fleet watch [--once]                           the fleet as a table
     fleet dashboard [--listen HOST:PORT] [--device ID]  the fleet as a web page
     fleet flux-bridge --webhook URL                telemetry -> Flux incoming webhook
@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("device", metavar="DEVICE", help="device id")
     p.add_argument("line", metavar="COMMAND", help="one AT command line, e.g. 'AT+CSQ'; the"
                    " device runs only what its [commands] at_allow lists")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--modem", metavar="SLOT", help="the modem in this slot (modem, modem2,"
+                        " ...); needed, or --iccid, when the device has several modems")
+    target.add_argument("--iccid", metavar="ICCID", help="the modem holding this SIM")
     _add_sending_arguments(p)
     add_broker_arguments(p)
 
@@ -192,8 +196,10 @@ def _at(args: argparse.Namespace) -> int:
     from agent.fleet.send import send
     from provisioning.keys import load_ed25519_private
 
+    named = {"modem": args.modem, "iccid": args.iccid}
     try:
-        cmd_args = validate("at", {"command": args.line})
+        cmd_args = validate("at", {"command": args.line,
+                                   **{k: v for k, v in named.items() if v is not None}})
     except ArgError as exc:
         raise UsageError(str(exc)) from None
     key = load_ed25519_private(args.key, "operator key")

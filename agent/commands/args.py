@@ -100,6 +100,7 @@ _PEM = Arg(_check_pem, "an Ed25519 public key PEM (pass @FILE)")
 _TIME = Arg(_int(0, _MAX_TIME), "a time: Unix seconds, or ISO 8601 on the command line",
             parse_time)
 _ICCID = _text(23, r"[0-9]{18,22}[Ff]?", "an ICCID (18-22 digits)")
+_SLOT = _text(7, r"modem(?:[2-9]|[1-9][0-9])?", "a modem's slot: modem, modem2, modem3, ...")
 _REASON = _text(200)
 
 # name -> field -> (required, check). A name missing here is an unknown command.
@@ -123,7 +124,8 @@ SCHEMAS: Mapping[str, Mapping[str, tuple[bool, Arg]]] = {
     "rotate-key": {"public_key": (True, _PEM)},
     "at": {"command": (True, _text(MAX_COMMAND, r"[ -~]+", f"one AT command line: 1-"
                                    f"{MAX_COMMAND} printable ASCII characters (no CR, LF or"
-                                   " other control character)"))},
+                                   " other control character)")),
+           "modem": (False, _SLOT), "iccid": (False, _ICCID)},
     "diagnose": {},
 }
 NAMES = frozenset(SCHEMAS)

@@ -4,12 +4,14 @@ technician acts on (``do`` null when nothing is to be done).
 
 The modem, SIM and network checks (:mod:`agent.commands.diagnosis_modem`,
 :mod:`agent.commands.diagnosis_network`) are made from the same facts whoever gathers them
-(:class:`ModemFacts`): the ``modem info`` object and the SIM keeper's summary
+(:class:`ModemFacts`, one per modem): the ``modem info`` object and the SIM keeper's summary
 (agent.sim.summary), either as the running agent knows them (its runtime row, or inside the
 daemon its snapshot: the port is never opened twice) or read by ``simkeeper doctor`` itself when
-the agent is not running. The link and agent checks look at the host
-(:mod:`agent.commands.diagnosis_host`). A check that needs what an earlier one found missing
-says ``not checked`` (a warning): the failure is the earlier one.
+the agent is not running. They run once per modem; with several modems each of them carries
+the modem's ``slot`` (``modem``, ``modem2``...); with one they are as they always were. The
+link and agent checks look at the host (:mod:`agent.commands.diagnosis_host`). A check that
+needs what an earlier one found missing says ``not checked`` (a warning): the failure is the
+earlier one.
 
 This module: the check's shape, its text form, and the facts.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent.core.config import Config
+from agent.core.modem_config import slot_name
 from drivers.modem import PdpContextInfo
 
 Status = Literal["ok", "warning", "failure"]
@@ -43,9 +46,11 @@ def worst(checks: list[Check]) -> Status:
 
 
 def render(checks: list[Check]) -> str:
-    """One line a check: ``FAIL  network  registration: ... -> what to do``."""
+    """One line a check: ``FAIL  network  registration: ... -> what to do``; with several
+    modems, a modem's check names its slot: ``registration [modem2]: ...``."""
     return "\n".join(
-        f"{LABELS[c['status']]:<5} {c['area']:<8} {c['name']}: {c['saw']}"
+        f"{LABELS[c['status']]:<5} {c['area']:<8} {c['name']}"
+        + (f" [{c['slot']}]" if c.get("slot") else "") + f": {c['saw']}"
         + (f" -> {c['do']}" if c["do"] else "") for c in checks)
 
 
@@ -77,7 +82,8 @@ class ModemFacts:
     """The modem and its SIM. ``mode`` ``agent``: from the running agent (``session``, its
     modem session's summary); ``probe``: read by the doctor (``error`` says why there is no
     ``info``; ``contexts`` the PDP contexts). ``lifecycle``: the keeper's summary of the SIM in
-    the modem (in ``probe`` mode the last one the agent recorded, if any)."""
+    the modem (in ``probe`` mode the last one the agent recorded, if any). ``slot``: the
+    modem's SIM slot name (``modem``, ``modem2``...; agent.core.modem_config.slot_name)."""
 
     mode: Mode
     port: str | None
@@ -86,16 +92,29 @@ class ModemFacts:
     error: str | None = None
     contexts: tuple[PdpContextInfo, ...] | None = None
     lifecycle: dict[str, Any] | None = None
+    slot: str = "modem"
 
 
-def from_agent(view: AgentView, cfg: Config) -> ModemFacts:
-    """The modem facts of the running agent: the session carrying the current SIM (else the
-    first), and the keeper's summary of that SIM."""
-    lc = next((s for s in view.sims if s.get("current")), None)
-    iccid = lc["iccid"] if lc else None
-    session = next((m for m in view.modems if m.get("modem") and iccid
-                    and m["modem"]["sim"]["iccid"] == iccid), None)
-    session = session or (view.modems[0] if view.modems else None)
-    port = session["port"] if session else next(iter(cfg.modem.ports), None)
-    return ModemFacts("agent", port, session["modem"] if session else None, session,
-                      lifecycle=lc)
+def slot_order(slot: str) -> tuple[int, str]:
+    """Sorts slot names by position: ``modem``, ``modem2``, ... ``modem10``."""
+    return len(slot), slot
+
+
+def from_agent(view: AgentView, cfg: Config) -> list[ModemFacts]:
+    """The modem facts of the running agent, one per modem in slot order: its session's
+    summary and the keeper's summary of the SIM in that slot. A configured port the agent has
+    no session for yet is a modem it cannot open yet; no modem at all: one without a port."""
+    rows: list[tuple[str, str | None, dict[str, Any] | None]] = [
+        (m.get("slot") or slot_name(i), m["port"], m) for i, m in enumerate(view.modems)]
+    known = {port for _slot, port, _session in rows}
+    rows += [(slot_name(i), p, None) for i, p in enumerate(cfg.modem.ports) if p not in known]
+    rows.sort(key=lambda row: slot_order(row[0]))
+    current = [s for s in view.sims if s.get("current")]
+    out = []
+    for slot, port, session in rows or [("modem", None, None)]:
+        info = session["modem"] if session else None
+        iccid = info["sim"]["iccid"] if info else None
+        lc = next((s for s in current if s.get("slot") == slot), None) or next(
+            (s for s in current if iccid and s["iccid"] == iccid), None)
+        out.append(ModemFacts("agent", port, info, session, lifecycle=lc, slot=slot))
+    return out

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.commands.diagnosis import AgentView, Check, check, from_agent, not_checked, when
-from agent.commands.diagnosis_modem import checks as modem_checks
+from agent.commands.diagnosis_modem import every_modem
 from agent.core.config import Config
 from agent.core.disk import free_bytes
 from agent.core.signing import SigningError, key_id, load_public_key
@@ -98,6 +98,12 @@ def _pty_index(entry: Path, fd: str) -> str | None:
         return None
     return next((line.split()[1] for line in info.splitlines()
                  if line.startswith("tty-index:")), None)
+
+
+def holders_checks(ports: Iterable[str | None], agent_pid: int | None) -> dict[str | None, Check]:
+    """The port holders check of each port (None: no port), by port."""
+    return {port: holders_check(port, port_holders(port) if port else None, agent_pid)
+            for port in ports}
 
 
 def holders_check(port: str | None, holders: Holders | None, agent_pid: int | None) -> Check:
@@ -381,8 +387,8 @@ class Live(Protocol):
 
 
 async def live(cfg: Config, parts: Live, config_path: Path | None) -> list[Check]:
-    """The diagnosis from the daemon's live parts: the modem session's last poll and the
-    keeper's summary (the port is not touched). The command arrived, so the broker answers."""
+    """The diagnosis from the daemon's live parts: each modem session's last poll and its
+    keeper's summary (no port is touched). The command arrived, so the broker answers."""
     snap = parts.snapshot()
     view = AgentView(os.getpid(), snap.modems, snap.sims, snap.uplink, snap.tasks)
     facts = from_agent(view, cfg)
@@ -391,8 +397,8 @@ async def live(cfg: Config, parts: Live, config_path: Path | None) -> list[Check
 
     def look() -> list[Check]:
         drops = {r: {"count": c, "bytes": b} for r, (c, b) in parts.outbox.drops().items()}
-        holders = port_holders(facts.port) if facts.port else None
-        return [*modem_checks(cfg, facts, [holders_check(facts.port, holders, view.pid)]),
+        held = holders_checks((f.port for f in facts), view.pid)
+        return [*every_modem(cfg, facts, held),
                 check("link", "broker", "ok", "round trip proven: this command came through it"),
                 *link_checks(cfg, view, source),
                 *agent_checks(cfg, view, None, {"count": count, "bytes": size, "drops": drops},

@@ -1,10 +1,12 @@
 """The modem and SIM checks of the diagnosis (:mod:`agent.commands.diagnosis`), and the list
-of every check of the modem, its SIM and the network (:func:`checks`)."""
+of every check of a modem, its SIM and the network (:func:`checks`; of every modem:
+:func:`every_modem`)."""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from agent.commands.diagnosis import (
@@ -22,6 +24,16 @@ from agent.sim.manifest import ManifestError, SimEntry, load_manifest
 from agent.sim.rejects import Reject, classify_cme, classify_mobility, classify_session
 
 SOON = 7 * 86400.0  # an activation deadline closer than this is a warning (the first alarm)
+
+
+def every_modem(cfg: Config, facts: list[ModemFacts],
+                holders: Mapping[str | None, Check]) -> list[Check]:
+    """Each modem's checks (:func:`checks`), in the order of ``facts`` (slot order), with its
+    port's holders check (``holders``, by port). With several modems each check carries its
+    ``slot``; with one they are as they always were."""
+    several = len(facts) > 1
+    return [{**c, "slot": f.slot} if several else c
+            for f in facts for c in checks(cfg, f, [holders[f.port]])]
 
 
 def checks(cfg: Config, facts: ModemFacts, holders: list[Check]) -> list[Check]:

@@ -39,7 +39,8 @@ def handlers(
     begins one, ``diagnose`` runs the diagnosis (agent.commands.diagnosis_host.live).
 
     An order on SIMs takes an optional ``iccid``: that SIM, else every SIM in the modems
-    (agent.sim.keepers); its detail names the SIMs it acted on."""
+    (agent.sim.keepers); its detail names the SIMs it acted on. ``at`` goes to one modem: the
+    one its ``modem`` (a slot) or ``iccid`` names, else the only one (agent.commands.at_console)."""
 
     async def suspend(args: dict[str, Any]) -> str:
         await keepers.sim_known()
@@ -101,7 +102,10 @@ def handlers(
         return {"status": worst(checks), "checks": checks}
 
     async def at(args: dict[str, Any]) -> dict[str, Any]:
-        return await at_console.run(args["command"])
+        if args.get("iccid") is not None:
+            await keepers.sim_known()
+        return await at_console.run(args["command"], modem=args.get("modem"),
+                                    iccid=args.get("iccid"))
 
     return {
         "suspend": suspend,
