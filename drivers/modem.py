@@ -37,6 +37,7 @@ from drivers.parsers.network import (
     Operator,
     Registration,
     RegState,
+    is_registered,
     parse_ceer,
     parse_cops,
     parse_registration,
@@ -115,6 +116,10 @@ class NetworkRegistration:
     cell_id: str | None
     reject_cause: int | None
     records: tuple[Registration, ...]
+
+    @property
+    def registered(self) -> bool:
+        return is_registered(self.state)
 
 
 @dataclass(frozen=True, slots=True)

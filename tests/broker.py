@@ -230,8 +230,8 @@ class Subscriber:
         return [r for m in self.on(suffix) for r in decode_batch(m.payload)["readings"]]
 
     def close(self) -> None:
+        self.client.disconnect()  # first: it ends paho's loop at once, loop_stop then joins it
         self.client.loop_stop()
-        self.client.disconnect()
 
 
 # -- TCP helpers ------------------------------------------------------------------------------

@@ -47,9 +47,13 @@ class Agent:
         self.socket = directory / "ingest.sock"
         self.database = directory / "state" / "simkeeper.db"
         self.log = directory / "agent.log"
+        # One modem: an interface that is not there (no kernel counters). Several: each modem's
+        # activation probe goes out through its interface (agent.sim.keepers.probe_interface),
+        # and only loopback reaches the test broker.
+        interface = (["lo"] * len(modem)) if isinstance(modem, list) else "sk-test-none"
         self.config.write_text(
             f'device_id = "{DEVICE}"\n'
-            f'[modem]\nport = {json.dumps(modem)}\ninterface = "sk-test-none"\n'
+            f'[modem]\nport = {json.dumps(modem)}\ninterface = {json.dumps(interface)}\n'
             f"[uplink]\nport = {broker_port}\nkeepalive = 10\nreconnect_min = 0.1\n"
             "reconnect_max = 1.0\nbatch_max_count = 20\nbatch_max_latency = 0.05\n"
             f"rate_messages_per_minute = {rate}\nrate_bytes_per_minute = 1073741824\n"
@@ -218,8 +222,8 @@ async def send_command(port: int, envelope: dict[str, Any]) -> dict[str, Any]:
         await until(lambda: bool(answered()), f"the result of {envelope['name']}")
         return answered()[0]
     finally:
-        client.loop_stop()
         client.disconnect()
+        client.loop_stop()
         results.close()
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +52,9 @@ def _consume(argv: list[str], out: Path, port: int, topic: str, *,
     """Run the consumer; once it is subscribed (it printed a marker batch, published again
     until it does), publish ``readings`` and wait for every line in ``want``."""
     with out.open("w") as sink:
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+        # its own process group: the shell consumer's mosquitto_sub dies with it
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         while "marker" not in out.read_text():
             assert proc.poll() is None, out.read_text()
@@ -61,7 +65,8 @@ def _consume(argv: list[str], out: Path, port: int, topic: str, *,
         wait_until(lambda: all(w in out.read_text() for w in want), what=f"{want} printed")
         return out.read_text().splitlines()
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 

@@ -11,6 +11,7 @@ from agent.core.config import Config
 from agent.sim.manifest import SimEntry
 from agent.sim.reject_advice import advice
 from agent.sim.rejects import Reject, classify_mobility
+from drivers.parsers.network import is_registered
 
 _ACT = {"gsm": "2G (GSM)", "umts": "3G (UMTS)", "lte": "4G (LTE)", "lte-m": "LTE-M",
         "nb-iot": "NB-IoT", "nr5g": "5G (NR)"}
@@ -65,7 +66,7 @@ def network_checks(cfg: Config, f: ModemFacts, entry: SimEntry | None) -> list[C
         return [not_checked("network", "registration", why),
                 not_checked("network", "technology", why), signal_check,
                 not_checked("network", "APN", why), not_checked("network", "data", why)]
-    registered = reg["state"] in ("home", "roaming")
+    registered = is_registered(reg["state"])
     op = f.info["operator"]
     where = op["name"] or op["mcc_mnc"] or "an unnamed network"
     technology = (check("network", "technology", "ok", f"{_ACT.get(reg['act'] or '', 'unknown')}"
@@ -78,7 +79,7 @@ def _registration(f: ModemFacts, where: str) -> Check:
     assert f.info is not None
     reg, radio = f.info["registration"], f.info["radio"]
     state = reg["state"]
-    if state in ("home", "roaming"):
+    if is_registered(state):
         return check("network", "registration", "ok", f"registered ({state}) on {where}")
     enforced = (f.lifecycle or {}).get("enforced") or {}
     if radio in ("off", "low-power"):
@@ -115,7 +116,7 @@ def _data(cfg: Config, f: ModemFacts, entry: SimEntry | None) -> list[Check]:
     cid = cfg.lifecycle.cid
     apn, source = ((entry.apn, "the manifest") if entry is not None and entry.apn
                    else (cfg.lifecycle.apn, "[lifecycle] apn"))
-    if f.info["registration"]["state"] not in ("home", "roaming"):
+    if not is_registered(f.info["registration"]["state"]):
         return [not_checked("network", n, "not registered") for n in ("APN", "data")]
     if f.mode == "agent":
         return _data_by_agent(f.lifecycle or {}, apn, source)

@@ -30,7 +30,7 @@ from agent.sim.rejects import (
     classify_registration,
 )
 from agent.telemetry.drain import UplinkSettings
-from agent.telemetry.probe import mqtt_probe
+from agent.telemetry.probe import BindError, bound_socket, mqtt_probe, resolve
 from drivers.errors import CmeError, ModemError
 from drivers.modem import Modem, NetworkRegistration
 from drivers.parsers.network import parse_ceer
@@ -94,6 +94,8 @@ class Activator:
         await checkpoint()
         try:
             await self.probe()
+        except BindError as exc:
+            raise AttemptFailed(str(exc)) from None
         except (OSError, TimeoutError) as exc:
             raise AttemptFailed(f"no round trip: {exc or type(exc).__name__}") from None
         return Activated(reg, addresses, replaced)
@@ -104,7 +106,7 @@ class Activator:
         end = loop.time() + self.register_timeout
         while True:
             reg = await modem.registration()
-            if reg.state in ("home", "roaming"):
+            if reg.registered:
                 return reg
             if reg.state == "denied":
                 reject = reject_of(reg)
@@ -167,34 +169,13 @@ class Activator:
 # -- probes ----------------------------------------------------------------------------------
 
 
-async def _resolve(host: str, port: int, kind: socket.SocketKind) -> tuple[int, tuple[str, int]]:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=kind)
-    if not infos:
-        raise OSError(f"{host}: no address")
-    family, _type, _proto, _name, address = infos[0]
-    return family, (str(address[0]), int(address[1]))
-
-
-def _socket(family: int, kind: socket.SocketKind, interface: str | None) -> socket.socket:
-    sock = socket.socket(family, kind)
-    sock.setblocking(False)
-    if interface:  # prove the cellular path, not whatever the default route is
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
-        except OSError:
-            sock.close()
-            raise
-    return sock
-
-
 def tcp_probe(host: str, port: int, *, timeout: float = 10.0,
               interface: str | None = None) -> Probe:
     """A TCP handshake with ``host:port`` is the round trip."""
 
     async def probe() -> None:
-        family, address = await _resolve(host, port, socket.SOCK_STREAM)
-        sock = _socket(family, socket.SOCK_STREAM, interface)
+        family, address = await resolve(host, port, socket.SOCK_STREAM)
+        sock = bound_socket(family, socket.SOCK_STREAM, interface)
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.get_running_loop().sock_connect(sock, address)
@@ -210,8 +191,8 @@ def udp_probe(host: str, port: int, *, timeout: float = 10.0,
 
     async def probe() -> None:
         loop = asyncio.get_running_loop()
-        family, address = await _resolve(host, port, socket.SOCK_DGRAM)
-        sock = _socket(family, socket.SOCK_DGRAM, interface)
+        family, address = await resolve(host, port, socket.SOCK_DGRAM)
+        sock = bound_socket(family, socket.SOCK_DGRAM, interface)
         token = b"simkeeper-probe " + os.urandom(8).hex().encode()
         try:
             async with asyncio.timeout(timeout):
@@ -227,12 +208,15 @@ def udp_probe(host: str, port: int, *, timeout: float = 10.0,
 
 
 def default_probe(lc: LifecycleConfig, uplink: UplinkSettings | None,
-                  slot: str = "modem") -> Probe:
+                  slot: str = "modem", *, interface: str | None = None) -> Probe:
     """The probe ``[lifecycle] probe`` names; ``"uplink"`` opens an MQTT session with the
-    broker the way the uplink does (agent.telemetry.probe), one per modem's slot."""
+    broker the way the uplink does (agent.telemetry.probe), one per modem's slot. With
+    ``interface``, the probe goes out through that interface only (SO_BINDTODEVICE)."""
     if lc.probe == "udp":
-        return udp_probe(lc.probe_host, lc.probe_port, timeout=lc.probe_timeout)
+        return udp_probe(lc.probe_host, lc.probe_port, timeout=lc.probe_timeout,
+                         interface=interface)
     if lc.probe == "uplink" and uplink is not None:
-        return mqtt_probe(uplink, timeout=lc.probe_timeout,
+        return mqtt_probe(uplink, timeout=lc.probe_timeout, interface=interface,
                           suffix="probe" if slot == "modem" else f"probe-{slot}")
-    return tcp_probe(lc.probe_host, lc.probe_port, timeout=lc.probe_timeout)
+    return tcp_probe(lc.probe_host, lc.probe_port, timeout=lc.probe_timeout,
+                     interface=interface)

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.config import Config, canonical_iccid
-from agent.core.modem_config import slot_name
+from agent.core.modem_config import ModemConfig, slot_name
 from agent.core.store import Store
+from agent.sim.activation import default_probe
 from agent.sim.conformance import Format
 from agent.sim.keeper import ORDER_WAIT, KeeperError, SimKeeper
 from agent.sim.lifecycle import Readings, Scope
@@ -38,12 +39,25 @@ def task_name(index: int) -> str:
     return "sim keeper" if index == 0 else f"sim keeper {slot_name(index)}"
 
 
+def probe_interface(modem: ModemConfig, index: int) -> str | None:
+    """The interface the ``index``-th modem's activation probe is bound to: with several modems
+    configured (a list of ports, or ``"auto"`` with a list of interfaces) and the data path the
+    agent's or NetworkManager's, the modem's own, so another modem's link never proves its SIM
+    active; else none (the default route, as a one-modem gateway always had)."""
+    several = len(modem.ports) > 1 or (not modem.ports and isinstance(modem.interface, tuple))
+    if not several or modem.data_path not in ("agent", "networkmanager"):
+        return None
+    return modem.interface_for(index)
+
+
 def keeper_from_config(cfg: Config, store: Store, emit: Callable[..., Any], *, index: int = 0,
                        **kwargs: Any) -> SimKeeper:
     """The keeper of the ``index``-th modem's slot. With several modems, NetworkManager is told
     only of the modem's own connection, never ``radio wwan`` (every modem's); a later modem with
-    no connection named is held by AT commands only."""
+    no connection named is held by AT commands only. Its probe: :func:`probe_interface`."""
     kwargs.setdefault("uplink", cfg.uplink)
+    kwargs.setdefault("probe", default_probe(cfg.lifecycle, kwargs["uplink"], slot_name(index),
+                                             interface=probe_interface(cfg.modem, index)))
     data_path, connection = cfg.modem.data_path, cfg.modem.nm_connection_for(index)
     if index > 0 and data_path == "networkmanager" and connection is None:
         data_path = "agent"

@@ -119,7 +119,7 @@ class NetworkWatch:
         if reject is not None and lc.on_reject(reject):
             self.schedule_probe()
             raise Interrupted
-        if reg.state not in ("home", "roaming"):
+        if not reg.registered:
             return
         if sim.mcc is None:
             await sim.read_operator(modem)
@@ -137,7 +137,7 @@ class NetworkWatch:
         if lc.record.activated_at is None or sim.enforcer.data_path != "agent":
             return
         reg = await modem.registration()
-        if reg.state not in ("home", "roaming"):
+        if not reg.registered:
             return
         try:
             await self._activator.ensure_active(modem)

@@ -15,6 +15,8 @@ from drivers.parsers._common import ParseError, field, hex_code, is_hex, to_int,
 Act = Literal["gsm", "umts", "lte", "lte-m", "nb-iot", "nr5g"]
 RegState = Literal["home", "roaming", "searching", "denied", "not-registered", "unknown"]
 Domain = Literal["cs", "ps", "eps", "5gs"]
+# The states in which the modem is on a network that carries data.
+REGISTERED: tuple[RegState, ...] = ("home", "roaming")
 
 # <AcT> of TS 27.007 (+CREG/+CGREG/+CEREG/+C5GREG/+COPS). Vendors that number LTE-M or
 # NB-IoT differently override entries in their profile (drivers.vendors).
@@ -37,6 +39,11 @@ _DOMAINS: Mapping[str, Domain] = {
 }
 # Index of <cause_type> in the fields after <stat>: +CGREG has <rac>, +C5GREG the NSSAI pair.
 _CAUSE_AT: Mapping[Domain, int] = {"cs": 3, "ps": 4, "eps": 3, "5gs": 5}
+
+
+def is_registered(state: str | None) -> bool:
+    """Whether a registration ``state`` (a :data:`RegState`, or its JSON string) is on a network."""
+    return state in REGISTERED
 
 
 def act_name(code: int | None, names: Mapping[int, Act] = ACT_27007) -> Act | None:
@@ -71,7 +78,7 @@ class Registration:
 
     @property
     def registered(self) -> bool:
-        return self.state in ("home", "roaming")
+        return is_registered(self.state)
 
 
 def _small_int(text: str | None) -> int | None:
