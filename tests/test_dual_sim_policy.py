@@ -25,8 +25,10 @@ A, B = "8981100005819480014", "8981200001234567898"
 
 
 @asynccontextmanager
-async def rig(tmp_path: Path, capped: Callable[[str], bool], *, personality: str = "quectel",
-              **policy: Any) -> AsyncIterator[tuple[SimKeeper, SimulatedModem, list[Any]]]:
+async def rig(
+    tmp_path: Path, capped: Callable[[str], bool], *, personality: str = "quectel",
+    poll: float = 0.2, **policy: Any,
+) -> AsyncIterator[tuple[SimKeeper, SimulatedModem, list[Any]]]:
     async def probe() -> None:
         return None
 
@@ -45,7 +47,7 @@ async def rig(tmp_path: Path, capped: Callable[[str], bool], *, personality: str
                               boot_seconds=0.1, sim_busy_seconds=0.05) as sim:
         channel = await AtChannel.open(str(tmp_path / "modem"), timeout=2.0)
         keeper = SimKeeper(store, emit, data_path="agent", probe=probe, register_poll=0.05,
-                           lifecycle=LifecycleConfig(poll_interval=0.2),
+                           lifecycle=LifecycleConfig(poll_interval=poll),
                            clock=TrustedClock(synchronised=lambda: True), capped=capped,
                            dual_sim=DualSimConfig(enabled=True, min_dwell=0, **policy))
         try:
@@ -85,8 +87,13 @@ async def test_the_primary_plan_cap_switches_to_the_backup_and_back(tmp_path: Pa
         await until(lambda: events[-1][0] == "sim-switch-settled", "the primary kept")
 
 
+# The keeper's own rounds an hour apart (``[lifecycle] poll_interval``): the policy's times
+# still fall due on time, the keeper waking for them.
+HOUR = 3600.0
+
+
 async def test_no_registration_switches_to_the_backup(tmp_path: Path) -> None:
-    async with rig(tmp_path, lambda _iccid: False, no_registration=10) as (
+    async with rig(tmp_path, lambda _iccid: False, no_registration=10, poll=HOUR) as (
             keeper, sim, events):
         await until(lambda: _on(keeper, A) and len(_switches(events)) == 2, "A in use")
         sim.set_network("searching", slot=1)
@@ -101,3 +108,17 @@ async def test_a_modem_with_one_slot_is_left_alone(tmp_path: Path) -> None:
         await until(lambda: keeper.dual is not None and keeper.dual.supported is False,
                     "the modem asked for its slots")
         assert _switches(events) == [] and sim.active_slot == 1
+
+
+async def test_the_primary_is_tried_again_at_recheck_between_rounds(tmp_path: Path) -> None:
+    async with rig(tmp_path, lambda _iccid: False, recheck=10, poll=HOUR) as (
+            keeper, sim, events):
+        await until(lambda: _on(keeper, A) and len(_switches(events)) == 2, "A in use")
+        sim.set_network("denied", reject_cause=7, slot=1)  # heard at once: the +CEREG URC
+        await until(lambda: _on(keeper, B), "the backup in use")
+        assert _switches(events)[2]["reason"] == "permanent network reject"
+        sim.set_network("home", slot=1)
+        await until(lambda: len(_switches(events)) == 4, "the primary tried again", timeout=30)
+        assert _switches(events)[3]["errand"] == "probe" and sim.active_slot == 1
+        await until(lambda: _on(keeper, A), "the primary resumed and active again")
+        assert "sim-switch-settled" in [kind for kind, _ in events]

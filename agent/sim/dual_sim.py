@@ -39,7 +39,6 @@ from drivers.modem import Modem
 
 log = logging.getLogger("agent.sim.keeper")  # the keeper's parts log as one
 
-_REGISTERED = ("home", "roaming")
 _WAITING = ("awaiting-activation", "activating")
 
 
@@ -89,6 +88,23 @@ class DualSim:
         if self._sim.card == self.primary:
             return await self._on_primary(modem, lc, now)
         return await self._on_backup(modem, lc, now)
+
+    def until_due(self) -> float | None:
+        """Seconds until the policy's next look falls due, which the keeper's rounds (every
+        ``[lifecycle] poll_interval``) may not otherwise meet; None: it waits for nothing."""
+        if not self.cfg.enabled or not self.supported:
+            return None
+        if self.errand in ("probe", "activate"):  # the SIM switched to has switch_timeout
+            due = [self._since + self.cfg.switch_timeout]
+        elif self._sim.card != self.primary:
+            due = [max(self._since + self.cfg.min_dwell, self._next_try)]
+        else:  # a reason to leave may be waiting out the dwell, or the registration
+            due = [self._since + self.cfg.min_dwell]
+            if self._unregistered_since is not None:
+                due.append(self._unregistered_since + self.cfg.no_registration)
+        now = self._mono()
+        ahead = [t - now for t in due if t > now]
+        return min(ahead) if ahead else None
 
     async def _on_primary(self, modem: Modem, lc: Lifecycle, now: float) -> bool:
         if self.errand == "probe":  # trying the primary again: registered in time?
@@ -147,7 +163,7 @@ class DualSim:
 
     async def _registered(self, modem: Modem) -> bool:
         try:
-            return (await modem.registration()).state in _REGISTERED
+            return (await modem.registration()).registered
         except FATAL:
             raise
         except ModemError:

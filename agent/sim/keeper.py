@@ -213,11 +213,12 @@ class SimKeeper:
             await self._wake.idle(delay)
 
     def _idle_delay(self) -> float:
-        """The poll interval, or less when a probe falls due or a listening window opens or
-        closes sooner."""
-        delay = self._network.delay(self.cfg.poll_interval)
-        change = self._sim.probation.until_change()
-        return delay if change is None else min(delay, change)
+        """The poll interval, or less when a probe or a dual-SIM step falls due or a listening
+        window opens or closes sooner."""
+        sooner = (self._sim.probation.until_change(),
+                  self.dual.until_due() if self.dual is not None else None)
+        return min([self._network.delay(self.cfg.poll_interval),
+                    *(s for s in sooner if s is not None)])
 
     async def _round(self, modem: Modem) -> None:
         await self._maintain(modem)
