@@ -46,7 +46,8 @@ def test_demo_shows_the_sim_lifecycle(demo_run: subprocess.CompletedProcess[str]
     last = done.stdout.rsplit("simkeeper demo:", 1)[-1]
     lines = last.splitlines()
     # The SIM in the slot as the keeper sees it: state, deadline, suspension, conformance.
-    lifecycle = next(i for i, line in enumerate(lines) if line.startswith("SIM lifecycle:"))
+    # (with one SIM seen "SIM lifecycle:", with both "SIM lifecycle, slot 1 (in use):")
+    lifecycle = next(i for i, line in enumerate(lines) if line.startswith("SIM lifecycle"))
     assert Sim().iccid in lines[lifecycle]
     assert lines[lifecycle].split()[-1] in ("active", "awaiting-activation", "activating")
     block = "\n".join(lines[lifecycle + 1 : lifecycle + 5])
@@ -69,11 +70,18 @@ def test_demo_without_mosquitto_says_what_to_install(tmp_path: str) -> None:
 
 
 # The tour of drivers/simulator/scenarios/demo.toml, as the view shows it: each step's first line.
+BACKUP = str((load_scenario(DEMO_SCENARIO).sim2 or {})["iccid"])
 TOUR: dict[str, Callable[[str], bool]] = {
+    "standby": lambda line: line.startswith(f"SIM lifecycle, slot 2 (standby): {BACKUP}"),
     "sms": lambda line: "sms-received" in line and "Hello from the operator" in line,
     "reject": lambda line: "network-reject" in line and "->suspended" in line and "#7" in line,
     "suspended": lambda line: "suspension: radio by network (emm #7" in line,
+    "switch": lambda line: ("sim-switch " in line and "slot 1->2" in line
+                            and "permanent network reject" in line),
+    "backup active": lambda line: ("activation-succeeded" in line
+                                   and f"..{BACKUP[-4:]}" in line),
     "resumed": lambda line: "network-recovered" in line and "->awaiting-activation" in line,
+    "back": lambda line: "sim-switch-settled" in line and "usable again" in line,
     "reset": lambda line: "modem-reset" in line and "RDY" in line,
 }
 
@@ -88,14 +96,15 @@ def _lines(stream: queue.Queue[str | None], proc: subprocess.Popen[str]) -> None
 # The tour at 0.4 of its pace (`--pace`): its steps in the same order, each still several of the
 # view's 1 s refreshes apart (the gaps between them, now 4 s and more, are what the order needs).
 PACE = 0.4
-TOUR_DEADLINE = 240.0  # s: the tour is over about 25 s after the start; a loaded machine
+TOUR_DEADLINE = 240.0  # s: the tour is over about 35 s after the start; a loaded machine
 
 
 @pytest.mark.timeout(TOUR_DEADLINE + 120)
 def test_demo_shows_its_tour_as_it_happens(mosquitto: str, tmp_path: Path) -> None:
-    """Headless, to the end of the tour (at ``PACE``): the SMS, the network's reject (EMM #7)
-    and the suspension it causes, the resumption, the modem reset, each shown in that order,
-    while the demo runs; then SIGTERM stops it cleanly."""
+    """Headless, to the end of the tour (at ``PACE``): both SIMs, the SMS, the network's reject
+    (EMM #7) of the SIM in use and the suspension it causes, the switch to the backup SIM and its
+    activation, the first SIM's resumption and the switch back, the modem reset, each shown in
+    that order while the demo runs; then SIGTERM stops it cleanly."""
     with (tmp_path / "stderr").open("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "demo", "--interval", "1",
                                  "--pace", str(PACE), "--duration", str(TOUR_DEADLINE + 60)],
@@ -123,7 +132,9 @@ def test_demo_shows_its_tour_as_it_happens(mosquitto: str, tmp_path: Path) -> No
                 proc.wait()
         err.seek(0)
         errors = err.read()
-    assert seen["sms"] < seen["reject"] < seen["resumed"] < seen["reset"], seen
+    assert seen["sms"] < seen["reject"] < seen["switch"] < seen["backup active"], seen
+    assert seen["switch"] < seen["resumed"] < seen["reset"], seen
+    assert seen["switch"] < seen["back"] < seen["reset"], seen
     assert seen["suspended"] < seen["resumed"], seen
     assert "Traceback" not in errors, errors
 

@@ -7,17 +7,18 @@ little app publishes sample readings through the ingest socket, as any app on a 
 and a subscriber shows what reaches the broker. The view refreshes until Ctrl-C or SIGTERM (a
 clean stop, exit 0) or ``--duration`` seconds.
 
-The tour (``drivers/simulator/scenarios/demo.toml``) is over within about a minute: each step
-shows as it happens, in the modem lines, the SIM lifecycle and the events the agent sends up
-(``sms-received``, ``network-reject`` with its cause, ``network-recovered``, ``modem-reset``).
-The keeper hears the network's reject from its ``+CEREG`` URC at once; the demo's agent probes
-a SIM the network barred every :data:`PROBE_INTERVAL` seconds (a gateway: every 6 hours), so the
-network's return shows within seconds too.
+The tour (``drivers/simulator/scenarios/demo.toml``) is over in about 85 s: each step shows as
+it happens, in the modem lines, the lifecycle of each of the modem's two SIMs and the events the
+agent sends up (``sms-received``, ``network-reject`` with its cause, ``sim-switch``,
+``network-recovered``, ``modem-reset``). The modem is dual-SIM: the keeper hears the network's
+permanent reject of the SIM in use from its ``+CEREG`` URC at once, switches to the standby SIM
+(activating it), tries the first SIM again after the policy's dwell and recheck (the demo's are
+seconds; a gateway's are minutes to hours) and switches back when the network takes it again.
 
 ``--pace`` plays it faster (the tests do): at ``--pace 0.4`` every time of the scenario (its
-steps' times, the modem's boot and SIM-busy times) and the probe interval are 0.4 of theirs
-(the probe no less than the 1 s the config takes), so the tour is over in about 25 s, its steps
-in the same order.
+steps' times, the modem's boot and SIM-busy times), the probe interval and the switch policy's
+times are 0.4 of theirs (no less than the config's minimums), so the tour is over in about 35 s,
+its steps in the same order.
 """
 
 from __future__ import annotations
@@ -54,8 +55,12 @@ CLEAR = "\x1b[H\x1b[2J"
 DEVICE = "demo-gw"
 APP_TOPIC = "demo/room1"
 EVENTS_SHOWN = 6
+LAST_SHOWN = 4  # the latest messages at the broker
 PROBE_INTERVAL = 6.0  # s: [lifecycle] network_probe_interval, so the tour's resumption shows
 MIN_PROBE_INTERVAL = 1.0  # s: the least the config takes
+MIN_DWELL = 10.0  # s: [modem.dual_sim] for the tour (module doc)
+RECHECK, MIN_RECHECK = 15.0, 10.0
+SWITCH_TIMEOUT, MIN_SWITCH_TIMEOUT = 15.0, 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +97,17 @@ def paced(scenario: Scenario, pace: float) -> Scenario:
     )
 
 
+def _dual_sim(tour: Scenario, pace: float) -> str:
+    """``[modem.dual_sim]`` for a tour with a second SIM: its switches within the tour's
+    minute (a gateway's defaults are minutes and hours), the primary tried again every
+    :data:`RECHECK` seconds (no less than the config takes)."""
+    if tour.sim2 is None:
+        return ""
+    return ("[modem.dual_sim]\nenabled = true\n"
+            f"min_dwell = {MIN_DWELL * pace}\nrecheck = {max(MIN_RECHECK, RECHECK * pace)}\n"
+            f"switch_timeout = {max(MIN_SWITCH_TIMEOUT, SWITCH_TIMEOUT * pace)}\n")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(demo(args.scenario, args.interval, args.duration, sys.stdout, args.pace))
@@ -106,7 +122,7 @@ class _Watcher:
 
     def __init__(self, port: int, base: str) -> None:
         self.readings: Counter[str] = Counter()
-        self.last: deque[str] = deque(maxlen=6)
+        self.last: deque[str] = deque(maxlen=LAST_SHOWN)
         self.events: deque[str] = deque(maxlen=EVENTS_SHOWN)
         self.status = "-"
         self._lock = threading.Lock()
@@ -148,6 +164,11 @@ class _Watcher:
         self._client.loop_stop()
 
 
+# An event's fields the view leaves out: its kind, a switch's ICCIDs (the lines above show the
+# SIMs) and the modem's slot (the demo has one modem); a SIM's ICCID shows as its last digits
+_UNSHOWN = frozenset({"kind", "iccid", "from_iccid", "to_iccid", "slot"})
+
+
 def _event_line(reading: dict[str, Any]) -> str:
     """``HH:MM:SS kind  from->to reason=... field=value ...`` of one event as it arrived at the
     broker: a transition's ``detail`` flattened, its reason first (a line is cut at 80)."""
@@ -158,9 +179,14 @@ def _event_line(reading: dict[str, Any]) -> str:
                                                      else reading.get("ts", time.time())))
     detail = fields.pop("detail", None)
     fields.update(detail if isinstance(detail, dict) else {"detail": detail})
-    words = [f"{fields.pop('from')}->{fields.pop('to')}"] if {"from", "to"} <= fields.keys() else []
+    iccid = fields.get("iccid")
+    words = [f"..{iccid[-4:]}"] if isinstance(iccid, str) else []
+    if {"from", "to"} <= fields.keys():
+        words.append(f"{fields.pop('from')}->{fields.pop('to')}")
+    if {"from_slot", "to_slot"} <= fields.keys():  # a dual-SIM switch
+        words.append(f"slot {fields.pop('from_slot')}->{fields.pop('to_slot')}")
     for k, v in sorted(fields.items(), key=lambda kv: kv[0] != "reason"):
-        if k not in ("kind", "iccid") and v not in (None, {}, [], ""):
+        if k not in _UNSHOWN and v not in (None, {}, [], ""):
             words.append(f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}")
     return f"{stamp} {reading.get('topic', '?')}  {' '.join(words)}"
 
@@ -189,10 +215,11 @@ async def demo(scenario: Path, interval: float, duration: float, out: TextIO,
           LocalBroker(Path(tmp), ["persistence false"]) as broker):
         directory, port = Path(tmp), broker.port
         link = directory / "modem"
-        async with SimulatedModem(scenario=paced(load_scenario(scenario), pace), link=link):
+        tour = paced(load_scenario(scenario), pace)
+        async with SimulatedModem(scenario=tour, link=link):
             cfg = config.parse(
                 f'device_id = "{DEVICE}"\n[modem]\nport = "{link}"\ndata_path = "agent"\n'
-                f"poll_interval = {interval}\n[health]\ninterval = 30.0\n"
+                f"poll_interval = {interval}\n{_dual_sim(tour, pace)}[health]\ninterval = 30.0\n"
                 f"[lifecycle]\nnetwork_probe_interval = {probe}\n"
                 f"[uplink]\nport = {port}\nbatch_max_latency = 1.0\n"
                 "rate_messages_per_minute = 600\n"  # a lively view; the default is 60
@@ -247,7 +274,8 @@ def _draw(out: TextIO, started: float, port: int, daemon: Daemon, watcher: _Watc
             report = parts.usage.report(iccid)
             lines.append(f"usage: {report['bytes_up']} B up, {report['bytes_down']} B down"
                          f" ({report['source']}), billed estimate {report['billed_estimate']} B")
-    lines += ["", *_lifecycle_lines(parts.keepers.summary())]
+    for label, sim in _sims(parts.keepers.summaries()):
+        lines += ["", *_lifecycle_lines(sim, label)]
     count, size = parts.outbox.depth()
     up = parts.uplinks.state()
     events = watcher.recent_events()
@@ -294,10 +322,33 @@ def _countdown(seconds: float) -> str:
     return f"{days}d {rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
 
 
-def _lifecycle_lines(sim: dict[str, Any] | None) -> list[str]:
-    """The SIM in the slot, from the keeper: state, deadline countdown, suspension, verdict."""
+def _sims(summaries: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any] | None]]:
+    """The SIMs in the modems, from the keepers (the SIM in use, and a dual-SIM modem's
+    standby SIM), each with its label: its modem's slot when there are several, and its SIM
+    slot in a dual-SIM modem."""
+    current = [s for s in summaries if s["current"]]
+    if not current:
+        return [("", None)]
+    by_iccid = {s["iccid"]: s for s in summaries}
+    shown: list[tuple[str, dict[str, Any] | None]] = []
+    for sim in current:
+        modem = f"{sim['slot']} " if len(current) > 1 else ""
+        dual = sim["dual_sim"]
+        if dual is None:
+            shown.append((modem.strip(), sim))
+            continue
+        shown.append((f"{modem}slot {dual['sim_slot']} (in use)", sim))
+        standby = by_iccid.get(dual["standby_iccid"])
+        if standby is not None:
+            shown.append((f"{modem}slot {3 - dual['sim_slot']} (standby)", standby))
+    return shown
+
+
+def _lifecycle_lines(sim: dict[str, Any] | None, label: str = "") -> list[str]:
+    """A SIM, from its keeper: state, deadline countdown, suspension, verdict."""
+    title = f"SIM lifecycle, {label}:" if label else "SIM lifecycle:"
     if sim is None:
-        return ["SIM lifecycle: no SIM seen yet"]
+        return [f"{title} no SIM seen yet"]
     if sim["activated_at"] is not None:
         deadline = "activated " + time.strftime("%Y-%m-%d %H:%M",
                                                 time.localtime(sim["activated_at"]))
@@ -309,7 +360,7 @@ def _lifecycle_lines(sim: dict[str, Any] | None) -> list[str]:
         deadline = "deadline: no trusted time, treated as due"
     else:
         deadline = "deadline passed"
-    lines = [f"SIM lifecycle: {sim['iccid']} {sim['state']}",
+    lines = [f"{title} {sim['iccid']} {sim['state']}",
              f"  {deadline} (trusted time: {_v(sim['trusted_time'])})"]
     susp = sim["suspension"]
     if susp is None:
