@@ -29,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.fleet.sign import make_envelope
 from drivers.simulator import SimulatedModem
-from tests.broker import WAIT, Broker, Subscriber, until
+from tests.broker import WAIT, Broker, Relay, Subscriber, until
 
 SIMKEEPER = [sys.executable, "-m", "agent.cli"]
 DEVICE = "gw-test"
@@ -40,7 +40,7 @@ class Agent:
 
     def __init__(
         self, directory: Path, broker_port: int, modem: str | list[str], extra: str = "",
-        rate: int = 100_000,
+        *, rate: int = 100_000, batch_bytes: int = 16384,
     ) -> None:
         self.directory = directory
         self.config = directory / "agent.toml"
@@ -56,6 +56,7 @@ class Agent:
             f'[modem]\nport = {json.dumps(modem)}\ninterface = {json.dumps(interface)}\n'
             f"[uplink]\nport = {broker_port}\nkeepalive = 10\nreconnect_min = 0.1\n"
             "reconnect_max = 1.0\nbatch_max_count = 20\nbatch_max_latency = 0.05\n"
+            f"batch_max_bytes = {batch_bytes}\n"
             f"rate_messages_per_minute = {rate}\nrate_bytes_per_minute = 1073741824\n"
             f'[store]\npath = "{self.database}"\n'
             f'[ingest]\nsocket = "{self.socket}"\n' + extra
@@ -116,14 +117,16 @@ class Agent:
 @asynccontextmanager
 async def running(
     tmp_path: Path,
-    broker: Broker,
+    broker: Broker | Relay,
     extra: str = "",
     env: dict[str, str] | None = None,
+    *,
     rate: int = 100_000,
+    batch_bytes: int = 16384,
 ) -> AsyncIterator[tuple[Agent, SimulatedModem]]:
     link = tmp_path / "modem"
     async with SimulatedModem("quectel", link=link, boot_seconds=0.2, sim_busy_seconds=0.1) as sim:
-        agent = Agent(tmp_path, broker.port, str(link), extra, rate)
+        agent = Agent(tmp_path, broker.port, str(link), extra, rate=rate, batch_bytes=batch_bytes)
         await agent.start(env)
         try:
             yield agent, sim

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.broker import Broker, Subscriber, decode_batch, until
+from tests.broker import Broker, Relay, Subscriber, decode_batch, until
 from tests.test_daemon import DEVICE, running
 from tests.test_status import until_async
 
@@ -65,11 +65,16 @@ async def test_sigkill_mid_stream_loses_no_acknowledged_reading(
     tmp_path: Path, broker: Broker
 ) -> None:
     sub = Subscriber(broker.port, f"simkeeper/{DEVICE}/telemetry")
+    relay = Relay(broker.port)
+    relay.paused = True  # the link down: readings pile up in the outbox
     acked: list[str] = []
     try:
-        # 3000 batches a minute: 1000 readings take about a second to drain.
-        async with running(tmp_path, broker, rate=3000) as (agent, _sim):
+        # 300 batches a minute, each held back so it fills to batch_max_bytes (512 B, compressed:
+        # some 50 readings): the backlog of 1000 takes seconds to drain, so the kill lands in it.
+        async with running(tmp_path, relay, rate=300, batch_bytes=512) as (agent, _sim):
             acked += await agent.publish(readings(0, 1000))
+            assert not sub.readings(), "the link was down"
+            relay.paused = False
             await until(lambda: len(sub.readings()) > 100, "the drain under way")
             await agent.stop(signal.SIGKILL)
             assert len(sub.readings()) < len(acked), "killed too late: the drain was over"
@@ -79,6 +84,7 @@ async def test_sigkill_mid_stream_loses_no_acknowledged_reading(
             assert await agent.stop() == 0
     finally:
         sub.close()
+        relay.close()
     apps = [r for r in sub.readings() if r["topic"] != "agent/health"]
     counts = Counter(r["id"] for r in apps)
     assert set(acked) <= set(counts)  # 0 acknowledged readings lost
