@@ -80,9 +80,13 @@ async def test_readings_state_will_and_commands(tmp_path: Path, any_broker: Brok
             assert state["device_id"] == DEVICE
             answer = await send_command(any_broker.port, make_envelope(key, DEVICE, "get-state"))
             assert answer["status"] == "ok", answer
-            uplink = (await agent.status())["uplink"]
             expected = "MQTT 5" if isinstance(any_broker, Broker) else "MQTT 3.1.1 (the broker's"
-            assert uplink["protocol"].startswith(expected), uplink
+
+            async def speaking() -> bool:  # the runtime row follows the uplink within seconds
+                uplink = (await agent.status())["uplink"]
+                return bool(uplink["connected"]) and uplink["protocol"].startswith(expected)
+
+            await until_async(speaking, f"status showing the uplink connected, {expected}")
             await agent.stop(signal.SIGKILL)
             await until_async(lambda: _is(any_broker.port, b"offline"), "the last will")
     finally:
