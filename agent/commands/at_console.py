@@ -30,6 +30,7 @@ from typing import Any
 
 from agent.commands.processor import running_command
 from agent.core.at_allow import fold, refusal
+from agent.core.modem_config import slot_order
 from agent.sim.keeper import KeeperError
 from agent.sim.keepers import SimKeepers
 from drivers.channel import AtChannel
@@ -99,7 +100,7 @@ class AtConsole:
     def _target(self, modem: str | None, iccid: str | None) -> tuple[str | None, str | None]:
         """The modem named (by slot or by the SIM it holds), else the only one connected; with
         several connected, the refusal says which names to choose from."""
-        connected = sorted(self._channels, key=lambda s: (len(s), s))  # modem, modem2...
+        connected = sorted(self._channels, key=slot_order)
         if modem is not None and iccid is not None:
             return None, "name the modem by its slot (modem) or by its SIM (iccid), not both"
         if iccid is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent.core.config import Config
-from agent.core.modem_config import slot_name
+from agent.core.modem_config import slot_name, slot_order
 from drivers.modem import PdpContextInfo
 
 Status = Literal["ok", "warning", "failure"]
@@ -93,11 +93,6 @@ class ModemFacts:
     contexts: tuple[PdpContextInfo, ...] | None = None
     lifecycle: dict[str, Any] | None = None
     slot: str = "modem"
-
-
-def slot_order(slot: str) -> tuple[int, str]:
-    """Sorts slot names by position: ``modem``, ``modem2``, ... ``modem10``."""
-    return len(slot), slot
 
 
 def from_agent(view: AgentView, cfg: Config) -> list[ModemFacts]:

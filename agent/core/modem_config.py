@@ -52,6 +52,11 @@ def slot_name(index: int) -> str:
     return "modem" if index == 0 else f"modem{index + 1}"
 
 
+def slot_order(slot: str) -> tuple[int, str]:
+    """Sorts slot names by position: ``modem``, ``modem2``, ... ``modem10``."""
+    return len(slot), slot
+
+
 def _nth(value: str | tuple[str, ...] | None, index: int) -> str | None:
     if isinstance(value, tuple):
         return value[index] if index < len(value) else None
