@@ -16,7 +16,7 @@ import pytest
 
 from agent.core.config import parse
 from agent.core.store import Store
-from agent.sim import keepers
+from agent.sim import keeper
 from agent.sim.activation import Activator, AttemptFailed, default_probe, tcp_probe, udp_probe
 from agent.sim.keepers import keeper_from_config, probe_interface
 from agent.telemetry.probe import BindError, mqtt_probe
@@ -122,7 +122,7 @@ def test_keeper_from_config_binds_each_slots_probe(tmp_path: Path,
         made.append((args[2], interface))
         return default_probe(*args, interface=interface)
 
-    monkeypatch.setattr(keepers, "default_probe", recording)
+    monkeypatch.setattr(keeper, "default_probe", recording)  # the keeper makes its probe
     cfg = parse(f'device_id = "x"\n[modem]\nport = ["/dev/a", "/dev/b"]\n'
                 'interface = ["wwan0", "wwan1"]\nnm_connection = ["one", "two"]\n'
                 f'[store]\npath = "{tmp_path}/db"')

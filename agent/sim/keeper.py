@@ -92,6 +92,7 @@ class SimKeeper:
         data_path: str = "agent",
         nm_connection: str | None = None,
         probe: Probe | None = None,
+        probe_interface: str | None = None,
         uplink: UplinkConfig | None = None,
         clock: TrustedClock | None = None,
         backoff: Backoff | None = None,
@@ -120,8 +121,9 @@ class SimKeeper:
             notes, list_path=conf.list, signature_path=conf.signature,
             key_path=operator_key, malfunction_resets=conf.malfunction_resets,
             malfunction_window=conf.malfunction_window, mono=mono, slot=slot)
-        activator = Activator(probe or default_probe(lc, uplink, slot), cid=lc.cid,
-                              register_timeout=lc.register_timeout, register_poll=register_poll)
+        activator = Activator(probe or default_probe(lc, uplink, slot, interface=probe_interface),
+                              cid=lc.cid, register_timeout=lc.register_timeout,
+                              register_poll=register_poll)
         self._wake = Wake()
         self._sim = SimSlot(
             lc, repo=LifecycleRepository(store), notes=notes, clock=self.clock, guard=self.guard,

@@ -27,7 +27,6 @@ from typing import Any
 from agent.core.config import Config, canonical_iccid
 from agent.core.modem_config import ModemConfig, slot_name
 from agent.core.store import Store
-from agent.sim.activation import default_probe
 from agent.sim.conformance import Format
 from agent.sim.keeper import ORDER_WAIT, KeeperError, SimKeeper
 from agent.sim.lifecycle import Readings, Scope
@@ -56,8 +55,7 @@ def keeper_from_config(cfg: Config, store: Store, emit: Callable[..., Any], *, i
     only of the modem's own connection, never ``radio wwan`` (every modem's); a later modem with
     no connection named is held by AT commands only. Its probe: :func:`probe_interface`."""
     kwargs.setdefault("uplink", cfg.uplink)
-    kwargs.setdefault("probe", default_probe(cfg.lifecycle, kwargs["uplink"], slot_name(index),
-                                             interface=probe_interface(cfg.modem, index)))
+    kwargs.setdefault("probe_interface", probe_interface(cfg.modem, index))
     data_path, connection = cfg.modem.data_path, cfg.modem.nm_connection_for(index)
     if index > 0 and data_path == "networkmanager" and connection is None:
         data_path = "agent"
